@@ -118,3 +118,12 @@ def test_view_labels_cover_all_buckets_on_a_full_orbit():
 def test_unknown_view_label_is_an_error():
   with pytest.raises(ValueError, match="unknown view label"):
     cam.view_suffix("diagonal")
+
+
+def test_ring_cameras_avoid_canonical_azimuths():
+  cameras = cam.ring_cameras((20.0, 50.0), 8, 2.0, 45.0)
+  assert cameras.azimuth.shape == (16,)
+  np.testing.assert_allclose(np.rad2deg(cameras.elevation[:8]), 20.0, atol=1e-5)
+  np.testing.assert_allclose(np.rad2deg(cameras.elevation[8:]), 50.0, atol=1e-5)
+  azimuth = np.sort(np.rad2deg(np.asarray(cameras.azimuth[:8])) % 360)
+  np.testing.assert_allclose(azimuth, 22.5 + 45.0 * np.arange(8), atol=1e-4)

@@ -111,6 +111,19 @@ def turntable_cameras(num_frames: int, elevation_deg: float = 20.0,
                        jnp.deg2rad(fov_y_deg))
 
 
+def ring_cameras(elevations_deg: Sequence[float], views_per_elevation: int,
+                 distance: float, fov_y_deg: float) -> Cameras:
+  """Evaluation views: `views_per_elevation` evenly spaced azimuths at each
+  elevation, offset by half a step from the front so that no view is a
+  canonical one. Batch shape `[len(elevations_deg) * views_per_elevation]`,
+  elevation-major."""
+  azimuth = 2 * np.pi * (np.arange(views_per_elevation) + 0.5) / views_per_elevation
+  elevation = np.deg2rad(np.repeat(np.asarray(elevations_deg, np.float32),
+                                   views_per_elevation))
+  return orbit_cameras(elevation, np.tile(azimuth, len(elevations_deg)), distance,
+                       np.deg2rad(fov_y_deg))
+
+
 def focal_length_px(fov_y: jax.Array, height: int) -> jax.Array:
   """Focal length in pixels for a vertical field of view (radians)."""
   return 0.5 * height / jnp.tan(0.5 * fov_y)
