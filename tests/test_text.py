@@ -1,0 +1,143 @@
+"""Text encoders and the embedding cache against transformers run directly."""
+
+import os
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+
+from att3d_jax.guidance import text
+
+WORDS = ["a", "red", "blue", "cube", "sphere", "wearing", "hat", "front", "side", "back",
+         "overhead", "view", ","]
+PROMPTS = ["a red cube", "A Blue sphere wearing a red hat"]
+
+
+def _save_tiny_clip(folder, num_layers=3):
+  """Random 3-layer CLIP text model + a byte-level BPE tokenizer (no merges)."""
+  alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+  vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+  for char in sorted(alphabet):
+    vocab.setdefault(char, len(vocab))
+    vocab.setdefault(char + "</w>", len(vocab))
+  tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24)
+  tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+  torch.manual_seed(0)
+  config = transformers.CLIPTextConfig(
+      vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+      num_attention_heads=4, max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
+      pad_token_id=1)
+  model = transformers.CLIPTextModel(config).eval()
+  model.save_pretrained(os.path.join(folder, "text_encoder"))
+  return tokenizer, model
+
+
+def _save_tiny_t5(folder):
+  """Random 2-layer T5 encoder + a word-level tokenizer appending </s>."""
+  vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+  for word in WORDS:
+    vocab[word] = len(vocab)
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  backend.normalizer = tokenizers.normalizers.Lowercase()
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  backend.post_processor = tokenizers.processors.TemplateProcessing(
+      single="$A </s>", special_tokens=[("</s>", 1)])
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+  tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+  torch.manual_seed(1)
+  config = transformers.T5Config(
+      vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)
+  model = transformers.T5EncoderModel(config).eval()
+  model.save_pretrained(os.path.join(folder, "text_encoder"))
+  return tokenizer, model
+
+
+def _direct(tokenizer, model, texts, max_length, mask, hidden_layer=None):
+  tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt")
+  with torch.no_grad():
+    out = model(tokens.input_ids, attention_mask=tokens.attention_mask if mask else None,
+                output_hidden_states=True)
+    if hidden_layer is None:
+      return out.last_hidden_state.numpy()
+    return model.final_layer_norm(out.hidden_states[hidden_layer]).numpy()
+
+
+def test_clip_embeddings_match_transformers_and_cache(tmp_path):
+  folder, cache_dir = str(tmp_path / "sd"), str(tmp_path / "cache")
+  tokenizer, model = _save_tiny_clip(folder)
+
+  result = text.encode_prompts("clip", folder, PROMPTS, cache_dir)
+  num_views = len(text.VIEW_SUFFIXES)
+  assert result.embeddings.shape == (2, num_views, 24, 32)
+  assert text.VIEW_SUFFIXES[1 + 2] == ", back view"
+  texts = [p + s for p in PROMPTS for s in text.VIEW_SUFFIXES]
+  expected = _direct(tokenizer, model, texts, 24, mask=False).reshape(2, num_views, 24, 32)
+  np.testing.assert_allclose(result.embeddings, expected, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(result.uncond, _direct(tokenizer, model, [""], 24, False)[0],
+                             rtol=0, atol=1e-5)
+  # The plain prompt and a view-dependent one differ (the suffix is really appended).
+  assert np.abs(result.embeddings[0, 0] - result.embeddings[0, 1]).max() > 1e-3
+
+  # The cache file stores the texts; a second run is served from it without
+  # loading the encoder, and a new prompt is encoded, not zero-filled.
+  (cache_file,) = os.listdir(cache_dir)
+  assert cache_file.startswith("text_clip-sd-")
+  with np.load(os.path.join(cache_dir, cache_file)) as data:
+    assert sorted(data["texts"].tolist()) == sorted(texts + [""])
+  cache = text.EmbeddingCache("clip", folder, cache_dir)
+  np.testing.assert_array_equal(cache.lookup(texts[:3]), result.embeddings[0, :3])
+  assert cache.num_encoded == 0 and cache._encoder is None
+  new = cache.lookup(["a blue cube, side view"])
+  assert cache.num_encoded == 1
+  np.testing.assert_allclose(new, _direct(tokenizer, model, ["a blue cube, side view"], 24, False),
+                             rtol=0, atol=1e-5)
+  assert len(text.EmbeddingCache("clip", folder, cache_dir).lookup(texts)) == len(texts)
+
+  # A corrupt cache file is recomputed, not trusted.
+  with open(os.path.join(cache_dir, cache_file), "wb") as f:
+    f.write(b"not a zip file")
+  cache = text.EmbeddingCache("clip", folder, cache_dir)
+  np.testing.assert_array_equal(cache.lookup(texts[:2]), result.embeddings[0, :2])
+  assert cache.num_encoded == 2
+
+
+def test_clip_penultimate_uses_second_to_last_layer_and_own_cache(tmp_path):
+  folder, cache_dir = str(tmp_path / "sd2"), str(tmp_path / "cache")
+  tokenizer, model = _save_tiny_clip(folder)
+  result = text.encode_prompts("clip_penultimate", folder, PROMPTS[:1], cache_dir, suffixes=("",))
+  expected = _direct(tokenizer, model, PROMPTS[:1], 24, False, hidden_layer=-2)
+  np.testing.assert_allclose(result.embeddings[:, 0], expected, rtol=0, atol=1e-5)
+  assert np.abs(result.embeddings[0, 0] - _direct(tokenizer, model, PROMPTS[:1], 24, False)[0]
+                ).max() > 1e-3
+  # Another encoder kind on the same folder never reads this cache.
+  text.encode_prompts("clip", folder, PROMPTS[:1], cache_dir, suffixes=("",))
+  assert len(os.listdir(cache_dir)) == 2
+
+
+def test_t5_embeddings_match_transformers(tmp_path):
+  folder = str(tmp_path / "if")
+  tokenizer, model = _save_tiny_t5(folder)
+  result = text.encode_prompts("t5", folder, PROMPTS, str(tmp_path / "cache"),
+                               negative_prompt="blue")
+  texts = [(p + s).lower() for p in PROMPTS for s in text.VIEW_SUFFIXES]
+  expected = _direct(tokenizer, model, texts, text.T5_MAX_LENGTH, mask=True)
+  assert result.embeddings.shape == (2, len(text.VIEW_SUFFIXES), text.T5_MAX_LENGTH, 32)
+  np.testing.assert_allclose(result.embeddings.reshape(expected.shape), expected, rtol=0,
+                             atol=1e-5)
+  np.testing.assert_allclose(result.uncond, _direct(tokenizer, model, ["blue"], 77, True)[0],
+                             rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_are_explained(tmp_path):
+  with pytest.raises(FileNotFoundError,
+                     match="--config.guidance.text_encoder_path.*tokenizer/.*text_encoder/"):
+    text.encode_prompts("clip", str(tmp_path / "nowhere"), PROMPTS, str(tmp_path))
+  with pytest.raises(ValueError, match=r"prompt 1 is empty or whitespace \('   '\)"):
+    text.encode_prompts("clip", str(tmp_path / "nowhere"), ["a cube", "   "], str(tmp_path))
+  with pytest.raises(ValueError, match="unknown text encoder kind 'bert'.*clip"):
+    text.EmbeddingCache("bert", str(tmp_path), str(tmp_path))
