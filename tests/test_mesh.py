@@ -222,3 +222,27 @@ def test_bad_frames_are_clear_errors(tmp_path, frames, error, match):
     turntable.write_gif(frames, tmp_path / "bad.gif")
   with pytest.raises(error, match=match):
     turntable.write_mp4(frames, tmp_path / "bad.mp4")
+
+
+def test_clip_to_sphere_and_largest_component_drop_floaters():
+  # A sphere of radius 0.4 at the origin, a small floater blob at (0.6, 0, 0)
+  # inside the scene sphere, and one in a corner of the cube (outside it).
+  def density_fn(x):
+    main = 10.0 * (0.4 - jnp.linalg.norm(x, axis=-1))
+    floater = 10.0 * (0.1 - jnp.linalg.norm(x - jnp.array([0.7, 0.0, 0.0]), axis=-1))
+    corner = 10.0 * (0.1 - jnp.linalg.norm(x - jnp.array([0.9, 0.9, 0.9]), axis=-1))
+    return jnp.maximum(jnp.maximum(main, floater), corner)
+
+  albedo_fn = lambda x: jnp.full(x.shape, 0.5)
+  everything = mesh_lib.extract_mesh(density_fn, albedo_fn, resolution=64, threshold=0.0)
+  assert everything.vertices.max() > 0.85  # the corner blob is there
+  clipped = mesh_lib.extract_mesh(density_fn, albedo_fn, resolution=64, threshold=0.0,
+                                  clip_to_sphere=True)
+  assert clipped.vertices.max() < 0.85 and clipped.vertices[:, 0].max() > 0.75
+  cleaned = mesh_lib.extract_mesh(density_fn, albedo_fn, resolution=64, threshold=0.0,
+                                  clip_to_sphere=True, keep_largest_component=True)
+  voxel = 2.0 / 63
+  np.testing.assert_allclose(cleaned.vertices.min(axis=0), -0.4, atol=voxel)
+  np.testing.assert_allclose(cleaned.vertices.max(axis=0), 0.4, atol=voxel)
+  assert cleaned.faces.max() == len(cleaned.vertices) - 1
+  np.testing.assert_allclose(np.linalg.norm(cleaned.vertices, axis=-1), 0.4, atol=voxel)

@@ -24,6 +24,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 import skimage.measure
 import trimesh
 
@@ -116,9 +118,30 @@ def density_grid(density_fn: PointFn, resolution: int, scene_radius: float = 1.0
   return values.reshape(shape)
 
 
+def largest_component(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Keeps the connected piece of a mesh with the most faces (drops floaters).
+
+  Returns (vertices [V', 3], faces [F', 3]) with faces re-indexed.
+  """
+  num_vertices = len(vertices)
+  edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
+  adjacency = scipy.sparse.coo_matrix(
+      (np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])),
+      shape=(num_vertices, num_vertices))
+  _, labels = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
+  face_labels = labels[faces[:, 0]]
+  keep_label = np.argmax(np.bincount(face_labels))
+  kept_faces = faces[face_labels == keep_label]
+  used = np.unique(kept_faces)
+  new_index = np.full(num_vertices, -1, np.int64)
+  new_index[used] = np.arange(len(used))
+  return vertices[used], new_index[kept_faces].astype(faces.dtype)
+
+
 def extract_mesh(density_fn: PointFn, albedo_fn: PointFn, *, resolution: int = 128,
                  threshold: float = DEFAULT_DENSITY_THRESHOLD, scene_radius: float = 1.0,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> Mesh:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, clip_to_sphere: bool = False,
+                 keep_largest_component: bool = False) -> Mesh:
   """The surface {x : density(x) = threshold} with albedo vertex colors.
 
   Args:
@@ -130,6 +153,11 @@ def extract_mesh(density_fn: PointFn, albedo_fn: PointFn, *, resolution: int = 1
     scene_radius: half the side of the sampled cube [-r, r]^3. Surfaces are
       cut open where the object crosses the cube's boundary.
     chunk_size: points per jitted call of either function.
+    clip_to_sphere: treat density outside the ball of radius scene_radius as
+      zero. A NeRF is only ever rendered inside that ball, so whatever its grid
+      holds in the cube's corners was never trained.
+    keep_largest_component: drop every connected piece but the one with the
+      most faces: floaters in space no training view constrained.
 
   Returns:
     `Mesh` in world coordinates, faces wound counter-clockwise seen from the
@@ -139,6 +167,10 @@ def extract_mesh(density_fn: PointFn, albedo_fn: PointFn, *, resolution: int = 1
     ValueError: if the density is not finite, or never crosses `threshold`.
   """
   grid = density_grid(density_fn, resolution, scene_radius, chunk_size)
+  if clip_to_sphere:
+    axis = lattice_axis(resolution, scene_radius)
+    radius = np.sqrt(axis[:, None, None]**2 + axis[None, :, None]**2 + axis[None, None, :]**2)
+    grid = np.where(radius < scene_radius, grid, 0.0).astype(np.float32)
   num_bad = int(np.size(grid) - np.isfinite(grid).sum())
   if num_bad:
     raise ValueError(f"density_fn returned {num_bad} NaN/Inf values on the "
@@ -162,6 +194,8 @@ def extract_mesh(density_fn: PointFn, albedo_fn: PointFn, *, resolution: int = 1
       allow_degenerate=False)
   faces = faces[:, ::-1]
   vertices = (vertices - scene_radius).astype(np.float32)
+  if keep_largest_component:
+    vertices, faces = largest_component(vertices, faces)
 
   colors = _evaluate_in_chunks(albedo_fn, "albedo_fn: points [N, 3] -> RGB [N, 3]", (3,),
                                len(vertices), lambda start, stop: vertices[start:stop],
