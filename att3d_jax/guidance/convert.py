@@ -38,6 +38,23 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def model_folder(folder: str, subfolder: str) -> str:
+  """The folder holding one diffusers model's config.json: `folder/subfolder`
+  of a pipeline folder, or `folder` itself when it is that model's folder.
+
+  Raises:
+    FileNotFoundError: naming the expected layout and the config flag.
+  """
+  for candidate in (os.path.join(folder, subfolder), folder):
+    if os.path.isfile(os.path.join(candidate, CONFIG_NAME)):
+      return candidate
+  raise FileNotFoundError(
+      f'no diffusers {subfolder} model in {folder!r}: expected a pipeline folder with '
+      f'{subfolder}/{CONFIG_NAME} and {subfolder}/{WEIGHTS_NAME}, or the {subfolder} folder '
+      f'itself with {CONFIG_NAME} and {WEIGHTS_NAME}. Training configs take the folder '
+      'from --config.guidance.path=/local/diffusers/folder.')
+
+
 def torch_key(flax_path: tuple[str, ...]) -> str:
   """('down_blocks.0', 'resnets.1', 'conv1', 'kernel') -> 'down_blocks.0.resnets.1.conv1.weight'."""
   return '.'.join(flax_path[:-1] + (_LEAF_RENAMES.get(flax_path[-1], flax_path[-1]),))

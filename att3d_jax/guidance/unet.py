@@ -442,17 +442,6 @@ class LoadedUNet:
                        as_float(encoder_attention_mask))
 
 
-def _unet_folder(folder: str) -> str:
-  for candidate in (os.path.join(folder, 'unet'), folder):
-    if os.path.isfile(os.path.join(candidate, convert.CONFIG_NAME)):
-      return candidate
-  raise FileNotFoundError(
-      f'no diffusers UNet in {folder!r}: expected a pipeline folder with unet/config.json and '
-      'unet/diffusion_pytorch_model.safetensors, or a unet folder with config.json and '
-      'diffusion_pytorch_model.safetensors (training configs take it from '
-      '--config.guidance.path).')
-
-
 def load_unet(folder: str, dtype: Dtype = jnp.float32) -> LoadedUNet:
   """Loads a diffusers UNet2DConditionModel folder into the Flax port.
 
@@ -465,7 +454,7 @@ def load_unet(folder: str, dtype: Dtype = jnp.float32) -> LoadedUNet:
     NotImplementedError: the config uses a feature the port does not implement.
     ValueError: the weights do not match the config (missing/unexpected keys, shapes).
   """
-  folder = _unet_folder(folder)
+  folder = convert.model_folder(folder, 'unet')
   with open(os.path.join(folder, convert.CONFIG_NAME)) as f:
     config = UNetConfig.from_dict(json.load(f))
   module = UNet2DConditionModel(config, dtype=dtype, param_dtype=dtype)

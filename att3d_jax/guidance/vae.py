@@ -293,16 +293,6 @@ class VAE:
     return self.decode(latents / self.scaling_factor + self.shift_factor)
 
 
-def _vae_folder(folder: str) -> str:
-  for candidate in (os.path.join(folder, 'vae'), folder):
-    if os.path.isfile(os.path.join(candidate, convert.CONFIG_NAME)):
-      return candidate
-  raise FileNotFoundError(
-      f'no VAE found in {folder!r}: expected vae/config.json (a diffusers Stable Diffusion '
-      'pipeline folder) or config.json (its vae/ subfolder), next to '
-      f'{convert.WEIGHTS_NAME}. Pass --config.guidance.path=/local/diffusers/folder.')
-
-
 def load_vae(folder: str, dtype: Dtype = jnp.float32) -> VAE:
   """Loads a diffusers AutoencoderKL from a pipeline folder or its `vae/` subfolder.
 
@@ -311,7 +301,7 @@ def load_vae(folder: str, dtype: Dtype = jnp.float32) -> VAE:
     ValueError: missing, unexpected or mis-shaped weights (lists the first ones).
     NotImplementedError: a VAE variant this port does not cover.
   """
-  vae_folder = _vae_folder(folder)
+  vae_folder = convert.model_folder(folder, 'vae')
   with open(os.path.join(vae_folder, convert.CONFIG_NAME)) as f:
     config = json.load(f)
   module = module_from_config(config, dtype)
