@@ -9,8 +9,9 @@ exported mesh's bounding box against the GT object's.
   python -m experiments.fit_gt --config=configs/fit_gt.py:quick \
       --config.prompt="a small green torus" --workdir=/tmp/fit_gt
 
-Writes results.json, config.json, heldout.png (GT row over rendered row),
-turntable.gif / .mp4 and mesh.obj / .glb into --workdir.
+Writes results.json, config.json, params.msgpack (grid tables + MLP),
+heldout.png (GT row over rendered row), turntable.gif / .mp4 and
+mesh.obj / .glb into --workdir.
 """
 
 import functools
@@ -20,6 +21,7 @@ import time
 
 from absl import app
 from absl import flags
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,47 +30,20 @@ import numpy as np
 import optax
 
 from att3d_jax.eval import metrics
-from att3d_jax.nerf import background as background_lib
 from att3d_jax.nerf import cameras as cameras_lib
-from att3d_jax.nerf import field as field_lib
-from att3d_jax.nerf import hashgrid
 from att3d_jax.nerf import mesh as mesh_lib
+from att3d_jax.nerf import model
 from att3d_jax.nerf import render as render_lib
 from att3d_jax.nerf import turntable
 from att3d_jax.shapes import gt_render
 from att3d_jax.shapes import scenes
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/fit_gt.py",
-                                          "fit_gt config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/fit_gt", "where outputs are written")
-
-
-def grid_spec(config: ml_collections.ConfigDict) -> hashgrid.HashGridSpec:
-  return hashgrid.HashGridSpec(**config.hashgrid.to_dict())
-
-
-def make_field_fn(params, spec, mlp, config):
-  return functools.partial(
-      field_lib.field_outputs, params["mlp"], params["tables"], spec=spec, mlp=mlp,
-      scene_radius=config.render.scene_radius,
-      density_activation=config.field.density_activation,
-      bias_scale=config.field.bias_scale, bias_radius=config.field.bias_radius)
-
-
-def make_render_fn(params, spec, mlp, config, key=None):
-  """Rays [N, 3] -> render dict over the GT background color."""
-  background_fn = functools.partial(background_lib.background_rgb, "solid",
-                                    color=scenes.BACKGROUND_RGB)
-  return lambda rays: render_lib.render_rays(
-      make_field_fn(params, spec, mlp, config), rays, key,
-      num_samples=config.render.num_samples, scene_radius=config.render.scene_radius,
-      background_fn=background_fn, shading="albedo",
-      num_importance=config.render.num_importance)
-
 
 def render_images(params, spec, mlp, config, cameras) -> dict[str, jax.Array]:
   """Deterministic renders `[num_views, H, W, ...]` for evaluation."""
-  return render_lib.render_images(make_render_fn(params, spec, mlp, config), cameras,
+  return render_lib.render_images(
+      model.render_fn(params, spec, mlp, config, background_color=scenes.BACKGROUND_RGB),
+      cameras,
                                   config.camera.height, config.camera.width,
                                   config.render_chunk_size)
 
@@ -88,8 +63,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   scene = scenes.encode_scene(scenes.parse_prompt(config.prompt))
-  spec = grid_spec(config)
-  mlp = field_lib.FieldMLP(config.field.hidden_width, config.field.num_hidden_layers)
+  spec = model.grid_spec(config)
+  mlp = model.field_mlp(config)
   height, width = config.camera.height, config.camera.width
   root_key = jax.random.key(config.seed)
 
@@ -105,10 +80,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict:
   target_rgb = train_rgb.reshape(-1, 3)
   num_pixels = origins.shape[0]
 
-  params = {
-      "tables": hashgrid.init_tables(jax.random.fold_in(root_key, 1), spec),
-      "mlp": field_lib.init_mlp_params(jax.random.fold_in(root_key, 2), mlp, spec),
-  }
+  params = model.init_params(jax.random.fold_in(root_key, 1), spec, mlp)
   schedule = optax.exponential_decay(
       config.learning_rate, config.num_steps,
       config.final_learning_rate / config.learning_rate)
@@ -123,7 +95,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rays = cameras_lib.Rays(origins[index], directions[index])
 
     def loss_fn(params):
-      out = make_render_fn(params, spec, mlp, config, render_key)(rays)
+      out = model.render_fn(params, spec, mlp, config, render_key,
+                            background_color=scenes.BACKGROUND_RGB)(rays)
       return jnp.mean((out["rgb"] - target_rgb[index])**2)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -145,6 +118,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict:
       break
   jax.block_until_ready(params)
   train_seconds = time.time() - start
+  (workdir / "params.msgpack").write_bytes(flax.serialization.to_bytes(params))
 
   # Held-out views.
   cameras = cameras_lib.ring_cameras(config.eval_elevations_deg,
@@ -156,11 +130,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict:
   view_iou = np.asarray(metrics.silhouette_iou(rendered["opacity"], truth["mask"]))
 
   # Mesh export and its bounding box against the GT object's.
-  field_fn = make_field_fn(params, spec, mlp, config)
+  field_fn = model.field_fn(params, spec, mlp, config)
   mesh = mesh_lib.extract_mesh(
       lambda x: field_fn(x)["density"], lambda x: field_fn(x)["albedo"],
       resolution=config.mesh_resolution, threshold=config.mesh_threshold,
-      scene_radius=config.render.scene_radius)
+      scene_radius=config.render.scene_radius, clip_to_sphere=True,
+      keep_largest_component=True)
   mesh_paths = mesh_lib.export_mesh(mesh, workdir, "mesh")
   mesh_box = metrics.bounding_box(mesh.vertices)
   truth_box = gt_mesh_box(scene, config.mesh_resolution, config.render.scene_radius)
@@ -201,4 +176,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so tests can import several
+  # experiment modules into one process without absl flag clashes.
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/fit_gt.py",
+                                            "fit_gt config file", lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", "runs/fit_gt", "where outputs are written")
   app.run(main)
