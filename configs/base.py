@@ -47,3 +47,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.render.background = "solid"  # "solid" | "random" | "mlp"
   config.render.background_color = (1.0, 1.0, 1.0)
   return config
+
+
+def set_shapes_world_cameras(camera: ml_collections.ConfigDict) -> None:
+  """Camera ranges of the shapes world, shared by the diffusion model's training
+  renders and ATT3D's NeRF renders so that both see the same framing: the
+  scene (|x| < 0.85) fills 40-70% of the image height at every distance."""
+  camera.elevation_range_deg = (-10.0, 80.0)
+  camera.azimuth_range_deg = (-180.0, 180.0)
+  camera.distance_range = (1.6, 2.0)
+  camera.fov_y_range_deg = (40.0, 50.0)
+  camera.height = 32
+  camera.width = 32

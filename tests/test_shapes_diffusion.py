@@ -1,0 +1,94 @@
+"""The shapes diffusion model's glue, export and training/SDS scripts."""
+
+import json
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from att3d_jax.guidance import unet as unet_lib
+from att3d_jax.shapes import diffusion
+from configs import sds_single as sds_single_config
+from configs import shapes_diffusion as shapes_diffusion_config
+from experiments import sds_single
+from experiments import train_shapes_diffusion
+
+
+def _random_export(folder, seed=0):
+  """A tiny shapes model with random weights, exported like the real one."""
+  config = shapes_diffusion_config.get_config("quick")
+  module_config = unet_lib.UNetConfig.from_dict(dict(config.unet))
+  shapes = unet_lib.param_shapes(unet_lib.UNet2DConditionModel(module_config))
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(scale=0.2, size=s.shape), jnp.float32), shapes)
+  train_shapes_diffusion.export(str(folder), config, module_config, params)
+  return config
+
+
+def test_pack_unpack_conditioning_roundtrip():
+  tokens = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)
+  pooled = -jnp.arange(8, dtype=jnp.float32).reshape(2, 4)
+  packed = diffusion.pack_conditioning(tokens, pooled)
+  assert packed.shape == (2, 4, 4)
+  got_tokens, got_pooled = diffusion.unpack_conditioning(packed)
+  np.testing.assert_array_equal(got_tokens, tokens)
+  np.testing.assert_array_equal(got_pooled, pooled)
+
+
+def test_exported_model_matches_diffusers_with_pooled_text(tmp_path):
+  config = _random_export(tmp_path)
+  model = diffusion.ShapesDiffusionModel(str(tmp_path))
+  text = json.loads((tmp_path / diffusion.TEXT_ENCODER_FILE).read_text())
+  assert text["max_length"] == config.text_max_length
+  conditioning = model.conditioning(["a red cube, front view", "a small blue torus, side view"])
+  assert conditioning.shape == (2, 1 + config.text_max_length, 384)
+  x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+  t = np.array([10, 700])
+  ours = np.asarray(model.eps_fn()(jnp.asarray(x), jnp.asarray(t), conditioning))
+  reference = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "unet")).eval()
+  c = np.asarray(conditioning)
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(c[:, 1:]),
+                         class_labels=torch.from_numpy(c[:, 0])).sample.numpy()
+  np.testing.assert_allclose(ours, expected, atol=1e-4)
+  # The pooled row matters: zeroing it changes the prediction.
+  unpooled = conditioning.at[:, 0].set(0.0)
+  assert np.abs(np.asarray(model.eps_fn()(jnp.asarray(x), jnp.asarray(t), unpooled))
+                - ours).max() > 1e-3
+
+
+def test_missing_model_folder_names_the_layout(tmp_path):
+  with pytest.raises(FileNotFoundError, match="unet/config.json.*text_encoder.json"):
+    diffusion.ShapesDiffusionModel(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_train_quick_checkpoints_resumes_and_exports(tmp_path):
+  config = shapes_diffusion_config.get_config("quick")
+  workdir, export_dir = tmp_path / "run", tmp_path / "export"
+  summary = train_shapes_diffusion.train(config, str(workdir), None)
+  assert summary["steps"] == config.num_steps
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(line["loss"]) for line in lines)
+  with config.unlocked():
+    config.num_steps += 2
+  summary = train_shapes_diffusion.train(config, str(workdir), str(export_dir))
+  assert summary["steps"] == config.num_steps  # resumed, then two more steps
+  assert (workdir / "samples_final.png").exists()
+  diffusion.ShapesDiffusionModel(str(export_dir))  # loads
+
+
+@pytest.mark.slow
+def test_sds_single_quick_runs_on_a_random_model(tmp_path):
+  _random_export(tmp_path / "model")
+  config = sds_single_config.get_config("quick")
+  with config.unlocked():
+    config.model_dir = str(tmp_path / "model")
+  results = sds_single.run(config, str(tmp_path / "run"))
+  assert len(results["per_prompt"]) == len(config.prompts)
+  assert all(0.0 <= row["iou"] <= 1.0 for row in results["per_prompt"])
+  assert results["frames_per_prompt"] == config.num_steps * config.views_per_step
