@@ -133,7 +133,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict:
   field_fn = model.field_fn(params, spec, mlp, config)
   mesh = mesh_lib.extract_mesh(
       lambda x: field_fn(x)["density"], lambda x: field_fn(x)["albedo"],
-      resolution=config.mesh_resolution, threshold=config.mesh_threshold,
+      resolution=config.mesh_resolution,
+      threshold=mesh_lib.density_for_alpha(
+          config.mesh_surface_alpha,
+          2 * config.render.scene_radius / config.render.num_samples),
       scene_radius=config.render.scene_radius, clip_to_sphere=True,
       keep_largest_component=True)
   mesh_paths = mesh_lib.export_mesh(mesh, workdir, "mesh")

@@ -246,3 +246,10 @@ def test_clip_to_sphere_and_largest_component_drop_floaters():
   np.testing.assert_allclose(cleaned.vertices.max(axis=0), 0.4, atol=voxel)
   assert cleaned.faces.max() == len(cleaned.vertices) - 1
   np.testing.assert_allclose(np.linalg.norm(cleaned.vertices, axis=-1), 0.4, atol=voxel)
+
+
+def test_density_for_alpha_inverts_the_opacity_of_one_step():
+  density = mesh_lib.density_for_alpha(0.8, 0.05)
+  np.testing.assert_allclose(1.0 - np.exp(-density * 0.05), 0.8, rtol=1e-6)
+  with pytest.raises(ValueError, match="alpha"):
+    mesh_lib.density_for_alpha(1.0, 0.05)

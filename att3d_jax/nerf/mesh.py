@@ -84,6 +84,16 @@ def _evaluate_in_chunks(fn: PointFn, fn_signature: str, value_shape: tuple[int, 
   return np.concatenate([np.asarray(out) for out in outputs], axis=0)
 
 
+def density_for_alpha(alpha: float, step: float) -> float:
+  """The density at which one step of length `step` has opacity `alpha`:
+  -log(1 - alpha) / step. With the renderer's sample spacing as the step it
+  turns "where the surface is" into a density threshold that does not depend
+  on a model's density scale."""
+  if not 0.0 < alpha < 1.0 or step <= 0.0:
+    raise ValueError(f"need 0 < alpha < 1 and step > 0, got alpha={alpha}, step={step}")
+  return float(-np.log1p(-alpha) / step)
+
+
 def lattice_axis(resolution: int, scene_radius: float = 1.0) -> np.ndarray:
   """[resolution] float32 world coordinates of the lattice along one axis."""
   if resolution < 2:
