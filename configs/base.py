@@ -7,6 +7,8 @@ overrides what it needs. Units: angles in degrees, distances in scene units
 
 import ml_collections
 
+from att3d_jax.shapes import scenes
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -50,12 +52,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 
 def set_shapes_world_cameras(camera: ml_collections.ConfigDict) -> None:
-  """Camera ranges of the shapes world, shared by the diffusion model's training
-  renders and ATT3D's NeRF renders so that both see the same framing: the
-  scene (|x| < 0.85) fills 40-70% of the image height at every distance."""
-  camera.elevation_range_deg = (-10.0, 80.0)
-  camera.azimuth_range_deg = (-180.0, 180.0)
-  camera.distance_range = (1.6, 2.0)
-  camera.fov_y_range_deg = (40.0, 50.0)
-  camera.height = 32
-  camera.width = 32
+  """The shapes world's camera ranges and image size (att3d_jax/shapes/scenes.py)."""
+  camera.elevation_range_deg = scenes.CAMERA_ELEVATION_RANGE_DEG
+  camera.azimuth_range_deg = scenes.CAMERA_AZIMUTH_RANGE_DEG
+  camera.distance_range = scenes.CAMERA_DISTANCE_RANGE
+  camera.fov_y_range_deg = scenes.CAMERA_FOV_Y_RANGE_DEG
+  camera.height = camera.width = scenes.IMAGE_SIZE

@@ -80,11 +80,11 @@ VIEW_TOLERANCE = 0.25  # relative distance slack for a consistent view label
 BANK_TRACE_STEPS = 48
 
 COLOR_NAMES = tuple(scenes.COLORS)
-# Camera ranges of the shapes world (configs/base.py set_shapes_world_cameras).
-ELEVATION_RANGE_DEG = (-10.0, 80.0)
-AZIMUTH_RANGE_DEG = (-180.0, 180.0)
-DISTANCE_RANGE = (1.6, 2.0)
-FOV_Y_RANGE_DEG = (40.0, 50.0)
+# Camera ranges of the shapes world.
+ELEVATION_RANGE_DEG = scenes.CAMERA_ELEVATION_RANGE_DEG
+AZIMUTH_RANGE_DEG = scenes.CAMERA_AZIMUTH_RANGE_DEG
+DISTANCE_RANGE = scenes.CAMERA_DISTANCE_RANGE
+FOV_Y_RANGE_DEG = scenes.CAMERA_FOV_Y_RANGE_DEG
 
 
 # ----------------------------------------------------------------------------

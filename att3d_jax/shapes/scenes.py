@@ -70,6 +70,16 @@ SIZES = {"": 1.0, "small": 0.6}
 
 BACKGROUND_RGB = (0.25, 0.45, 0.50)
 
+# Camera ranges of the shapes world (see nerf/cameras.py sample_cameras), shared
+# by the diffusion model's training renders, ATT3D's NeRF renders and the
+# judge, so all see the same framing: the scene (radius < 0.8) fills 40-70% of
+# the image height at every distance.
+CAMERA_ELEVATION_RANGE_DEG = (-10.0, 80.0)
+CAMERA_AZIMUTH_RANGE_DEG = (-180.0, 180.0)
+CAMERA_DISTANCE_RANGE = (1.6, 2.0)
+CAMERA_FOV_Y_RANGE_DEG = (40.0, 50.0)
+IMAGE_SIZE = 32  # pixels; the resolution the shapes diffusion model works at
+
 # ----------------------------------------------------------------------------
 # Geometry constants, world units at the default size.
 
