@@ -55,12 +55,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   }
   config.num_prompts = 16 if quick else 0  # train on the first N grammar prompts; 0 = all 3200
   config.text_max_length = 24  # MiniLM tokens; the longest grammar caption has 19
+  # Share of each batch drawn from the 64 plain "a <color> <shape>" prompts (the
+  # shapes_pig64 set and the judge's 8x8 set); the rest is uniform over all.
+  config.focus_fraction = 0.0
   config.caption_dropout = 0.1  # share of empty captions, for classifier-free guidance
   config.batch_size = 4 if quick else 32
   config.num_steps = 4 if quick else 12000
   config.time_budget_s = 300.0 if quick else 100 * 60.0  # stop early past this
   config.learning_rate = 4e-4
   config.warmup_steps = 10 if quick else 300
+  config.lr_decay_start = 0  # > 0: cosine decay to 10% from this step to num_steps
   config.grad_clip_norm = 1.0
   config.ema_decay = 0.999
   config.log_every = 2 if quick else 100

@@ -65,18 +65,26 @@ def caption_table(encoder: minilm.MiniLMEncoder, prompts: list[str],
 
 
 def make_train_step(config, module, optimizer, scene_table, conditioning_table,
-                    alphas_cumprod, root_key):
+                    alphas_cumprod, root_key, focus_indices):
   """The jitted step: (state, step) -> (state, metrics). `state` is a dict of
-  params, ema_params and opt_state; all randomness is fold_in(root_key, step)."""
+  params, ema_params and opt_state; all randomness is fold_in(root_key, step).
+
+  A share `config.focus_fraction` of each batch is drawn from `focus_indices`
+  (int [F], rows of the tables), the rest uniformly from all prompts."""
   num_prompts = conditioning_table.shape[0]
+  num_focus = int(round(config.focus_fraction * config.batch_size))
+  focus_indices = jnp.asarray(focus_indices, jnp.int32)
   height, width = config.camera.height, config.camera.width
   batch = config.batch_size
   num_timesteps = alphas_cumprod.shape[0]
   render = jax.vmap(gt_render.render_gt, in_axes=(0, 0))
 
   def sample_batch(key):
-    prompt_key, camera_key, drop_key, t_key, noise_key = jax.random.split(key, 5)
+    prompt_key, focus_key, camera_key, drop_key, t_key, noise_key = jax.random.split(key, 6)
     index = jax.random.randint(prompt_key, (batch,), 0, num_prompts)
+    if num_focus:
+      focus = jax.random.randint(focus_key, (num_focus,), 0, focus_indices.shape[0])
+      index = index.at[:num_focus].set(focus_indices[focus])
     cameras = cameras_lib.sample_cameras(
         camera_key, batch, config.camera.elevation_range_deg,
         config.camera.azimuth_range_deg, config.camera.distance_range,
@@ -112,6 +120,25 @@ def make_train_step(config, module, optimizer, scene_table, conditioning_table,
     return {"params": params, "ema_params": ema, "opt_state": opt_state}, metrics
 
   return train_step
+
+
+def focus_prompt_indices(prompts: list[str]) -> np.ndarray:
+  """Rows of `prompts` that are plain color x shape prompts (no size word, no
+  hat): the 8x8 set the shapes_pig64 configs and the judge use."""
+  plain = {scenes.prompt_of(scenes.Scene(color, shape))
+           for color in scenes.COLORS for shape in scenes.SHAPES}
+  return np.asarray([i for i, prompt in enumerate(prompts) if prompt in plain], np.int32)
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warm-up, constant, then (if config.lr_decay_start > 0) a cosine
+  decay to 10% between lr_decay_start and num_steps."""
+  constant = optax.warmup_constant_schedule(0.0, config.learning_rate, config.warmup_steps)
+  if not config.lr_decay_start:
+    return constant
+  decay = optax.cosine_decay_schedule(config.learning_rate,
+                                      config.num_steps - config.lr_decay_start, alpha=0.1)
+  return optax.join_schedules([constant, decay], [config.lr_decay_start])
 
 
 def save_checkpoint(path: pathlib.Path, state, step: int) -> None:
@@ -187,8 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
                                        **unet_lib.example_inputs(module_config))["params"]
   num_params = sum(p.size for p in jax.tree.leaves(init_params))
   print(f"UNet: {num_params / 1e6:.2f}M parameters", flush=True)
-  learning_rate = optax.warmup_constant_schedule(0.0, config.learning_rate,
-                                                 config.warmup_steps)
+  learning_rate = learning_rate_schedule(config)
   optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
                           optax.adam(learning_rate))
   # A copy: the step donates its state, and one buffer cannot be donated twice.
@@ -198,7 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
   state, start_step = restore_checkpoint(checkpoint, state)
   train_step = make_train_step(config, module, optimizer, scene_table,
                                conditioning_table, alphas_cumprod,
-                               jax.random.fold_in(root_key, 1))
+                               jax.random.fold_in(root_key, 1), focus_prompt_indices(prompts))
 
   log = open(workdir / "metrics.jsonl", "a")
   start = time.time()
