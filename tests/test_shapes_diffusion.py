@@ -1,6 +1,7 @@
 """The shapes diffusion model's glue, export and training/SDS scripts."""
 
 import json
+import pathlib
 
 import diffusers
 import jax
@@ -9,24 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from att3d_jax.guidance import unet as unet_lib
+import conftest
+
 from att3d_jax.shapes import diffusion
 from configs import sds_single as sds_single_config
 from configs import shapes_diffusion as shapes_diffusion_config
 from experiments import sds_single
 from experiments import train_shapes_diffusion
 
-
-def _random_export(folder, seed=0):
-  """A tiny shapes model with random weights, exported like the real one."""
-  config = shapes_diffusion_config.get_config("quick")
-  module_config = unet_lib.UNetConfig.from_dict(dict(config.unet))
-  shapes = unet_lib.param_shapes(unet_lib.UNet2DConditionModel(module_config))
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(scale=0.2, size=s.shape), jnp.float32), shapes)
-  train_shapes_diffusion.export(str(folder), config, module_config, params)
-  return config
+SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "weights" / "shapes"
+SHIPPED_SIZE_LIMIT = 25 * 2**20  # bytes: the model ships inside the repository
 
 
 def test_pack_unpack_conditioning_roundtrip():
@@ -39,17 +32,16 @@ def test_pack_unpack_conditioning_roundtrip():
   np.testing.assert_array_equal(got_pooled, pooled)
 
 
-def test_exported_model_matches_diffusers_with_pooled_text(tmp_path):
-  config = _random_export(tmp_path)
-  model = diffusion.ShapesDiffusionModel(str(tmp_path))
-  text = json.loads((tmp_path / diffusion.TEXT_ENCODER_FILE).read_text())
-  assert text["max_length"] == config.text_max_length
+def _check_flax_matches_diffusers(folder):
+  """The folder's UNet in our Flax port and in diffusers PyTorch agree."""
+  model = diffusion.ShapesDiffusionModel(str(folder))
+  text = json.loads((folder / diffusion.TEXT_ENCODER_FILE).read_text())
   conditioning = model.conditioning(["a red cube, front view", "a small blue torus, side view"])
-  assert conditioning.shape == (2, 1 + config.text_max_length, 384)
+  assert conditioning.shape == (2, 1 + text["max_length"], 384)
   x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
   t = np.array([10, 700])
   ours = np.asarray(model.eps_fn()(jnp.asarray(x), jnp.asarray(t), conditioning))
-  reference = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "unet")).eval()
+  reference = diffusers.UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
   c = np.asarray(conditioning)
   with torch.no_grad():
     expected = reference(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(c[:, 1:]),
@@ -59,6 +51,23 @@ def test_exported_model_matches_diffusers_with_pooled_text(tmp_path):
   unpooled = conditioning.at[:, 0].set(0.0)
   assert np.abs(np.asarray(model.eps_fn()(jnp.asarray(x), jnp.asarray(t), unpooled))
                 - ours).max() > 1e-3
+  return text
+
+
+def test_exported_model_matches_diffusers_with_pooled_text(tmp_path):
+  config = conftest.random_shapes_export(tmp_path)
+  assert _check_flax_matches_diffusers(tmp_path)["max_length"] == config.text_max_length
+
+
+def test_shipped_model_loads_in_diffusers_and_flax_alike():
+  _check_flax_matches_diffusers(SHIPPED)
+  assert (SHIPPED / "scheduler" / "scheduler_config.json").is_file()
+  assert (SHIPPED / "README.md").is_file()
+
+
+def test_shipped_model_fits_the_size_limit():
+  total = sum(path.stat().st_size for path in SHIPPED.rglob("*") if path.is_file())
+  assert 1e6 < total <= SHIPPED_SIZE_LIMIT, total
 
 
 def test_missing_model_folder_names_the_layout(tmp_path):
@@ -84,7 +93,7 @@ def test_train_quick_checkpoints_resumes_and_exports(tmp_path):
 
 @pytest.mark.slow
 def test_sds_single_quick_runs_on_a_random_model(tmp_path):
-  _random_export(tmp_path / "model")
+  conftest.random_shapes_export(tmp_path / "model")
   config = sds_single_config.get_config("quick")
   with config.unlocked():
     config.model_dir = str(tmp_path / "model")

@@ -1,0 +1,37 @@
+r"""Trains ATT3D on a prompt set, then evaluates and writes turntables and meshes.
+
+  python -m att3d_jax.main --config=configs/shapes.py --workdir=runs/shapes
+  python -m att3d_jax.main --config=configs/shapes.py:quick --workdir=runs/shapes_quick
+
+Rerunning the same command resumes from the newest checkpoint in --workdir.
+Config fields can be overridden on the command line, e.g.
+`--config.mapping.kind=per_prompt` or `--config.guidance.path=/path/to/model`.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from att3d_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and outputs")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  summary = {key: results.get(key) for key in ("frames_per_prompt", "train", "heldout",
+                                               "preempted", "step") if key in results}
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,110 @@
+r"""ATT3D on the shapes world's Pig64 analog (`shapes_pig64`): 8 colors x 8
+shapes, trained amortized on the 56 off-diagonal prompts, evaluated on those
+and on the 8 held-out diagonal prompts against ground truth.
+
+  python -m att3d_jax.main --config=configs/shapes.py --workdir=runs/shapes
+  python -m att3d_jax.main --config=configs/shapes.py:quick --workdir=/tmp/shapes_quick
+
+The per-prompt baseline is the same config with `--config.mapping.kind=per_prompt`.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "quick"):
+    raise ValueError(f"unknown config argument {arg!r}; expected None or 'quick'")
+  quick = arg == "quick"
+  config = base.get_base_config()
+  base.set_shapes_world_cameras(config.camera)  # 32x32, the guidance model's framing
+
+  config.prompts = ml_collections.ConfigDict()
+  config.prompts.set = "shapes_pig64"  # att3d_jax/data/prompts/<set>/{train,heldout}.txt
+  config.prompts.split = "100%"  # train split (shapes_2400: 12.5% | 50% | 100%)
+
+  # The frozen text-to-image model (att3d_jax/train.py load_guidance).
+  config.guidance = ml_collections.ConfigDict()
+  config.guidance.kind = "shapes"  # the embedded shapes-world model
+  config.guidance.path = "weights/shapes"  # its diffusers-format folder
+  config.guidance.scale = 5.0  # classifier-free guidance weight
+  config.guidance.amortize_scale = False  # sample the weight per row, feed it to the mapping
+  config.guidance.scale_range = (2.0, 10.0)  # ... uniformly from this range
+  config.guidance.t_range = (0.02, 0.98)  # SDS timesteps, fractions of the schedule
+  config.guidance.t_max_final = 0.5  # t_max anneals linearly to this over training
+  config.guidance.weighting = "sds"  # w(t) = 1 - alpha_bar
+
+  # Text embedding -> grid (att3d_jax/amortize/mapping.py).
+  config.mapping = ml_collections.ConfigDict()
+  config.mapping.kind = "hypernet"  # hypernet | concat | per_prompt
+  config.mapping.hidden_width = 32
+  config.mapping.num_power_iterations = 10  # spectral norm, per step
+
+  # A small grid: the hypernet's output layer is hidden_width x (L * T * F).
+  config.hashgrid.num_levels = 6
+  config.hashgrid.log2_table_size = 12
+  config.hashgrid.features_per_level = 2
+  config.hashgrid.base_resolution = 8
+  config.hashgrid.max_resolution = 48
+  config.field.hidden_width = 32
+  config.render.num_samples = 48
+  config.render.shading = "albedo"  # the guidance model's images bake the light
+
+  config.batch = ml_collections.ConfigDict()
+  config.batch.prompts_per_step = 8  # B rows, sharded over devices
+  config.batch.views_per_prompt = 2  # V rendered views per row
+
+  # Interpolation training (att3d_jax/amortize/interpolation.py).
+  config.interpolation = ml_collections.ConfigDict()
+  config.interpolation.kind = "none"  # none | embedding | loss
+  config.interpolation.num_prompts = 2  # k prompts mixed per row
+  config.interpolation.kappa = 1.0  # alpha ~ Dirichlet(kappa * ones(k))
+  config.interpolation.fraction = 0.5  # share of rows that are interpolants
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr_mapping = 1e-2  # hypernet / shared grid / per-prompt grids
+  config.optim.lr_mlp = 1e-2
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.99
+  config.optim.eps = 1e-15
+  config.optim.grad_clip_norm = 0.0  # 0 = no clipping
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 2000
+  config.train.time_budget_s = 0.0  # > 0: stop (and evaluate) after this many seconds
+  config.train.log_every = 50
+  config.train.checkpoint_every = 250
+  config.train.keep_checkpoints = 3
+  config.train.sample_every = 500  # preview PNG in workdir/samples; 0 = never
+  config.train.max_nan_streak = 20  # abort after this many consecutive skipped steps
+  config.train.progress_bar = True
+
+  # Ground-truth evaluation over fixed views (att3d_jax/eval/shapes_eval.py).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.kind = "shapes"  # shapes: ground truth | clip: CLIP R-probability (real sets)
+  config.eval.elevations_deg = (20.0, 50.0)
+  config.eval.views_per_elevation = 8
+  config.eval.distance = 1.8
+  config.eval.fov_y_deg = 45.0
+  config.eval.curve_every = 0  # > 0: GT metrics every N steps (and at step 0) into eval_curve.jsonl
+  config.eval.max_train_prompts = 64  # evaluate at most this many training prompts
+  config.eval.write_outputs = True  # turntables and meshes
+  config.eval.num_train_outputs = 8  # of the training prompts (all held-out ones)
+  config.eval.turntable_frames = 24
+  config.eval.turntable_size = 64
+  config.eval.mesh_resolution = 64
+
+  if quick:
+    config.train.num_steps = 20
+    config.train.log_every = 5
+    config.train.checkpoint_every = 10
+    config.train.sample_every = 0
+    config.batch.prompts_per_step = 4
+    config.render.num_samples = 24
+    config.eval.views_per_elevation = 4
+    config.eval.num_train_outputs = 2
+    config.eval.turntable_frames = 4
+    config.eval.turntable_size = 32
+    config.eval.mesh_resolution = 32
+  return config

@@ -1,0 +1,291 @@
+"""ATT3D amortized training: batches, the train step, guards, sharding, main."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from att3d_jax import train
+from att3d_jax.amortize import model as model_lib
+from att3d_jax.guidance import schedule
+from att3d_jax.guidance import sds
+from att3d_jax.nerf import cameras as cameras_lib
+from configs import shapes as shapes_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET_RGB = (0.9, 0.1, 0.1)  # what the oracle guidance pulls every render toward
+TEXT_LENGTH, TEXT_WIDTH = 3, 8
+
+
+def oracle_guidance() -> train.Guidance:
+  """A stand-in for a text-to-image model whose only image is a flat TARGET_RGB
+  picture: eps_fn returns the exact noise of that image, so SDS pulls every
+  render toward it. Text embeddings are fixed random vectors per prompt."""
+  alphas_cumprod = jnp.asarray(schedule.alphas_cumprod_from_config(
+      {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}), jnp.float32)
+  x0 = (2.0 * jnp.asarray(TARGET_RGB) - 1.0)[None, :, None, None]
+
+  def eps_fn(noisy, timesteps, text):
+    del text
+    alpha_bar = alphas_cumprod[timesteps][:, None, None, None]
+    return (noisy - jnp.sqrt(alpha_bar) * x0) / jnp.sqrt(1.0 - alpha_bar)
+
+  def vectors(strings, shape):
+    return np.stack([np.random.default_rng(zlib.crc32(s.encode())).normal(size=shape)
+                     for s in strings]).astype(np.float32)
+
+  return train.Guidance(
+      eps_fn=eps_fn, alphas_cumprod=alphas_cumprod,
+      uncond=jnp.zeros((1, TEXT_LENGTH, TEXT_WIDTH)), model_input=sds.pixel_model_input,
+      encode=lambda captions: vectors(captions, (TEXT_LENGTH, TEXT_WIDTH)),
+      embed=lambda prompts: vectors(prompts, (TEXT_WIDTH,)),
+      background_color=(0.25, 0.45, 0.5))
+
+
+def quick_config(**overrides):
+  config = shapes_config.get_config("quick")
+  for dotted, value in overrides.items():
+    section, name = dotted.split("__")
+    config[section][name] = value
+  return config
+
+
+def setup(config, guidance=None):
+  guidance = guidance or oracle_guidance()
+  prompt_set = train.load_prompts(config)
+  tables = train.prompt_tables(guidance, prompt_set.train)
+  model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(prompt_set.train),
+                                           embedding_dim=tables.embedding.shape[1])
+  state, optimizer = train.init_state(config, model, tables.embedding)
+  mesh = train.make_mesh(config)
+  step_fn = train.jit_train_step(train.make_train_step(config, model, guidance, optimizer),
+                                 mesh)
+  return guidance, tables, model, train.replicate(state, mesh), mesh, step_fn
+
+
+def run_steps(config, num_steps, guidance=None):
+  guidance, tables, model, state, mesh, step_fn = setup(config, guidance)
+  key = jax.random.key(0)
+  history = []
+  for step in range(num_steps):
+    batch = jax.device_put(train.sample_batch(config, tables, step), train.data_sharding(mesh))
+    state, metrics = step_fn(state, batch, key)
+    history.append(jax.tree.map(np.asarray, metrics))
+  return state, history, (guidance, tables, model, step_fn)
+
+
+def render_error(config, model, guidance, tables, state):
+  """Mean squared distance of the first prompts' renders to TARGET_RGB."""
+  render = train.make_render_prompts(model, guidance.background_color, 16, 16, chunk=4)
+  cameras = cameras_lib.ring_cameras((20.0,), 2, 1.8, 45.0)
+  rows = np.arange(4)
+  rgb = render(state["params"], state["stats"], train.mapping_inputs(config, tables.embedding[rows]),
+               rows.astype(np.int32), cameras)["rgb"]
+  return float(np.mean((rgb - np.asarray(TARGET_RGB))**2))
+
+
+def test_sample_batch_is_a_function_of_seed_and_step():
+  config = quick_config(interpolation__kind="embedding", interpolation__fraction=0.5)
+  tables = train.prompt_tables(oracle_guidance(), train.load_prompts(config).train)
+  first, again = train.sample_batch(config, tables, 7), train.sample_batch(config, tables, 7)
+  for name in first:
+    np.testing.assert_array_equal(first[name], again[name])
+  other = train.sample_batch(config, tables, 8)
+  assert not np.array_equal(first["alpha"], other["alpha"])
+  rows, k = config.batch.prompts_per_step, config.interpolation.num_prompts
+  assert first["alpha"].shape == (rows, k)
+  np.testing.assert_allclose(first["alpha"].sum(1), 1.0, rtol=1e-6)
+  assert first["conditioning"].shape == (rows, k, train.NUM_VIEWS, TEXT_LENGTH, TEXT_WIDTH)
+  # The mapping input is the alpha-mixed embedding of the row's prompts.
+  index = np.random.default_rng([config.seed, 7]).integers(0, len(tables.prompts), (rows, k))
+  np.testing.assert_array_equal(index[:, 0], first["prompt_index"])
+  mixed = np.einsum("bk,bkd->bd", first["alpha"], tables.embedding[index])
+  np.testing.assert_allclose(first["mapping_input"], mixed, rtol=1e-6)
+
+
+def test_guidance_weight_column_spans_its_range():
+  config = quick_config(guidance__amortize_scale=True)
+  tables = train.prompt_tables(oracle_guidance(), train.load_prompts(config).train)
+  batch = train.sample_batch(config, tables, 0)
+  assert batch["mapping_input"].shape[1] == TEXT_WIDTH + 1
+  low, high = config.guidance.scale_range
+  assert np.all((batch["guidance_scale"] >= low) & (batch["guidance_scale"] <= high))
+  np.testing.assert_allclose(batch["mapping_input"][:, -1],
+                             (batch["guidance_scale"] - low) / (high - low), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["hypernet", "concat", "per_prompt"])
+def test_twenty_steps_pull_renders_toward_the_oracle_image(kind):
+  """The whole step (mapping -> render -> SDS -> Adam) learns: after 20 steps
+  the renders are much closer to the only image the oracle model knows."""
+  config = quick_config(mapping__kind=kind)
+  guidance, tables, model, state, _, _ = setup(config)
+  before = render_error(config, model, guidance, tables, state)
+  state, history, _ = run_steps(config, 20)
+  after = render_error(config, model, guidance, tables, state)
+  assert all(h["finite"] for h in history)
+  assert int(state["step"]) == 20
+  assert after < 0.8 * before, (before, after)
+
+
+def test_per_prompt_grids_move_only_when_rendered():
+  config = quick_config(mapping__kind="per_prompt")
+  state, _, (_, tables, _, _) = run_steps(config, 1)
+  guidance, _, model, initial, _, _ = setup(config)
+  rendered = set(train.sample_batch(config, tables, 0)["prompt_index"].tolist())
+  before, after = (np.asarray(s["params"]["mapping"]["tables"]) for s in (initial, state))
+  for row in range(len(tables.prompts)):
+    moved = not np.array_equal(before[row], after[row])
+    assert moved == (row in rendered), row
+
+
+@pytest.mark.parametrize("kind", ["embedding", "loss"])
+def test_interpolation_training_runs(kind):
+  config = quick_config(interpolation__kind=kind, interpolation__fraction=1.0)
+  state, history, _ = run_steps(config, 2)
+  assert all(h["finite"] for h in history)
+  assert int(state["step"]) == 2
+
+
+def test_interpolation_needs_a_mapping_that_reads_the_embedding():
+  config = quick_config(mapping__kind="per_prompt", interpolation__kind="loss")
+  with pytest.raises(ValueError, match="per_prompt"):
+    train.num_mixed(config)
+
+
+def test_train_step_compiles_once_over_ten_steps():
+  config = quick_config()
+  _, _, (_, _, _, step_fn) = run_steps(config, 10)
+  assert step_fn._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_non_finite_step_is_skipped_and_counted():
+  config = quick_config()
+  guidance, tables, model, state, mesh, _ = setup(config)
+  _, optimizer = train.init_state(config, model, tables.embedding)
+  step_fn = train.jit_train_step(
+      train.make_train_step(config, model, guidance, optimizer, poison_step=1), mesh)
+  key = jax.random.key(0)
+  batch = lambda step: jax.device_put(train.sample_batch(config, tables, step),
+                                      train.data_sharding(mesh))
+  state, _ = step_fn(state, batch(0), key)
+  snapshot = jax.tree.map(np.array, state)
+  state, metrics = step_fn(state, batch(1), key)
+  assert not bool(metrics["finite"])
+  assert int(state["nan_total"]) == 1 and int(state["nan_streak"]) == 1
+  for name in ("params", "stats", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state[name]),
+                 snapshot[name])
+  state, metrics = step_fn(state, batch(2), key)
+  assert bool(metrics["finite"]) and int(state["nan_streak"]) == 0
+  assert int(state["nan_total"]) == 1
+
+
+def test_batch_must_divide_over_devices():
+  config = quick_config(batch__prompts_per_step=3)
+  if len(jax.devices()) == 1:
+    train.make_mesh(config)  # 3 rows on one device is fine
+  else:
+    with pytest.raises(ValueError, match="multiple of"):
+      train.make_mesh(config)
+
+
+_DEVICE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    import test_train
+    config = test_train.quick_config()
+    state, history, _ = test_train.run_steps(config, 3)
+    leaves = jax.tree.leaves(state["params"])
+    print(json.dumps({{"devices": len(jax.devices()),
+                      "grad_norm": [float(h["grad_norm"]) for h in history],
+                      "param_sum": float(sum(np.abs(np.asarray(x)).sum() for x in leaves))}}))
+""")
+
+
+def _run_on_devices(num_devices: int) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT.format(tests=os.path.join(
+      REPO, "tests"))], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_four_devices_match_one_device():
+  one, four = _run_on_devices(1), _run_on_devices(4)
+  assert (one["devices"], four["devices"]) == (1, 4)
+  np.testing.assert_allclose(four["grad_norm"], one["grad_norm"], rtol=1e-5)
+  np.testing.assert_allclose(four["param_sum"], one["param_sum"], rtol=1e-5)
+
+
+def test_unknown_prompt_set_lists_the_available_ones():
+  config = quick_config(prompts__set="shapes_9000")
+  with pytest.raises(ValueError, match="available"):
+    train.load_prompts(config)
+
+
+def _main_config(model_dir, **overrides):
+  config = quick_config(**overrides)
+  config.guidance.path = model_dir
+  config.train.progress_bar = False
+  config.eval.elevations_deg = (20.0,)
+  config.eval.views_per_elevation = 2
+  return config
+
+
+def test_quick_main_writes_eval_json_and_outputs(tiny_shapes_model, tmp_path):
+  config = _main_config(tiny_shapes_model)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  saved = json.loads((tmp_path / "eval.json").read_text())
+  assert saved["frames_per_prompt"] == pytest.approx(
+      20 * config.batch.prompts_per_step * config.batch.views_per_prompt / 56)
+  for split, count in (("train", 56), ("heldout", 8)):
+    assert set(saved[split]) == {"r_precision", "iou", "psnr", "color_acc"}
+    assert sum(row["split"] == split for row in saved["per_prompt"]) == count
+  assert results["heldout"] == saved["heldout"]
+  heldout_dir = tmp_path / "outputs" / "heldout"
+  assert len(list(heldout_dir.glob("*.gif"))) == 8
+  assert len(list((tmp_path / "outputs" / "train").glob("*.gif"))) == 2
+  assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 4
+  # A second run resumes at the end: nothing left to train, same metrics.
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again["train"] == results["train"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_shapes_model, tmp_path):
+  config = _main_config(tiny_shapes_model)
+  config.train.num_steps = 8
+  config.train.checkpoint_every = 3
+  config.eval.write_outputs = False
+
+  def final_state(workdir, stop_at=None):
+    train.train_and_evaluate(config, str(workdir), stop_at=stop_at)
+    return train.restore_latest(train.checkpoint_manager(workdir, 3),
+                                setup(config, train.load_guidance(config))[3])
+
+  straight = final_state(tmp_path / "straight")
+  assert final_state(tmp_path / "resumed", stop_at=5)["step"] == 5
+  resumed = final_state(tmp_path / "resumed")
+  assert int(resumed["step"]) == int(straight["step"]) == 8
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed),
+               jax.tree.map(np.asarray, straight))
+
+
+def test_workdir_of_another_config_is_refused(tiny_shapes_model, tmp_path):
+  config = _main_config(tiny_shapes_model)
+  config.train.num_steps = 2
+  config.eval.write_outputs = False
+  train.train_and_evaluate(config, str(tmp_path))
+  other = _main_config(tiny_shapes_model, mapping__kind="concat")
+  with pytest.raises(ValueError, match="mapping"):
+    train.train_and_evaluate(other, str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text())["mapping"]["kind"] == "hypernet"
