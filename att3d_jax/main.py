@@ -6,6 +6,10 @@ r"""Trains ATT3D on a prompt set, then evaluates and writes turntables and meshe
 Rerunning the same command resumes from the newest checkpoint in --workdir.
 Config fields can be overridden on the command line, e.g.
 `--config.mapping.kind=per_prompt` or `--config.guidance.path=/path/to/model`.
+
+Multi-host: run the same command in every process with
+`--config.train.distributed=True`; train.initialize_distributed says which
+environment variables it needs outside a managed cluster (TPU pod, SLURM, ...).
 """
 
 import json
@@ -27,6 +31,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if _CONFIG.value.train.distributed:  # before anything touches a device
+    train.initialize_distributed()
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   summary = {key: results.get(key) for key in ("frames_per_prompt", "train", "heldout",
                                                "preempted", "step") if key in results}

@@ -12,9 +12,12 @@ then, for every row:
   3. follows the SDS gradient of the frozen text-to-image model, captioned
      with each view's label ("..., side view"), with classifier-free guidance.
 
-The batch axis is sharded over a 1-D `Mesh` (axis "data"); parameters are
-replicated. A non-finite loss or gradient skips the update inside the step
-(params and optimizer state unchanged) and is counted.
+The batch axis is sharded over a 1-D `Mesh` (axis "data") of all devices, on
+every host (config.train.distributed); parameters are replicated. Every process
+builds the same global batch and `jax.device_put` keeps its own rows; only
+process 0 writes logs, samples and outputs (orbax coordinates checkpoints). A
+non-finite loss or gradient skips the update inside the step (params and
+optimizer state unchanged) and is counted.
 
 Compute is counted like ATT3D: rendered frames per training prompt,
 step * B * V / num_train_prompts.
@@ -22,12 +25,14 @@ step * B * V / num_train_prompts.
 
 import functools
 import json
+import os
 import pathlib
 import signal
 import time
 from typing import Callable, NamedTuple, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -334,7 +339,20 @@ def jit_train_step(train_step, mesh: Mesh):
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize()` for config.train.distributed, before
+  anything touches a device. On TPU pods, SLURM, Open MPI and Kubernetes JAX
+  finds the coordinator and this process's id itself; elsewhere (several
+  processes on one machine, say) set JAX_COORDINATOR_ADDRESS=host:port,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process's environment."""
+  num_processes, process_id = (os.environ.get(name) for name in ("JAX_NUM_PROCESSES",
+                                                                 "JAX_PROCESS_ID"))
+  jax.distributed.initialize(num_processes=int(num_processes) if num_processes else None,
+                             process_id=int(process_id) if process_id else None)
+
+
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """A 1-D mesh "data" over every device of every process."""
   devices = jax.devices()
   if config.batch.prompts_per_step % len(devices):
     raise ValueError(f"batch.prompts_per_step={config.batch.prompts_per_step} must be a "
@@ -493,6 +511,25 @@ def checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManage
                                            enable_async_checkpointing=False))
 
 
+UNREADABLE_DIR = "unreadable_checkpoints"
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves the checkpoints of `steps` to workdir/unreadable_checkpoints/: kept
+  for inspection, but no longer in the way of the run saving those steps again
+  (orbax skips a save at or below its latest step)."""
+  if jax.process_index() == 0:
+    directory = pathlib.Path(manager.directory)
+    target = directory.parent / UNREADABLE_DIR
+    target.mkdir(exist_ok=True)
+    for step in steps:
+      moved = target / f"{step}_{time.strftime('%Y%m%d-%H%M%S')}"
+      (directory / str(step)).rename(moved)
+      print(f"WARNING: moved the unreadable checkpoint of step {step} to {moved}", flush=True)
+  multihost_utils.sync_global_devices("att3d_jax: unreadable checkpoints set aside")
+  manager.reload()
+
+
 def restore_latest(manager: ocp.CheckpointManager, state: dict) -> dict:
   """The newest checkpoint that restores; a corrupt one is skipped with a
   warning and the previous one used. Returns `state` if there is none.
@@ -548,7 +585,12 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> N
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls: save, then exit cleanly."""
+  """Turns SIGTERM into a flag the loop polls: save, then exit cleanly.
+
+  With several processes, JAX's preemption service (started by
+  jax.distributed.initialize) catches the signal instead, and `reached` makes
+  every process stop after the same step.
+  """
 
   def __init__(self):
     self.requested = False
@@ -559,10 +601,17 @@ class _Preemption:
       del signum, frame
       self.requested = True
     try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
+      if jax.process_count() == 1:
+        self._previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: no handler
       self._previous = None
     return self
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call it after every step."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -580,7 +629,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     the eval results (also in workdir/eval.json); on SIGTERM (or stop_at),
-    {"preempted": True, "step": ...} after saving a checkpoint.
+    {"preempted": True, "step": ...} after saving a checkpoint. With several
+    processes, every one trains and evaluates alike; only process 0 writes.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -597,27 +647,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       embedding_dim=train_tables.embedding.shape[1])
 
   state, optimizer = init_state(config, model, train_tables.embedding)
-  manager = checkpoint_manager(workdir, config.train.keep_checkpoints)
-  state = restore_latest(manager, state)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = make_mesh(config)
   state = replicate(state, mesh)
+  manager = checkpoint_manager(workdir, config.train.keep_checkpoints)
+  state = restore_latest(manager, state)  # straight into the replicated sharding
+  unreadable = [step for step in manager.all_steps() if step > int(state["step"])]
+  if unreadable:
+    set_aside(manager, unreadable)
+  writes = jax.process_index() == 0  # logs, samples, eval.json, outputs
+  if writes:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   train_step = jit_train_step(make_train_step(config, model, guidance, optimizer), mesh)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   num_train = len(prompt_set.train)
 
   start_step = int(state["step"])
-  log = open(workdir / "metrics.jsonl", "a")
-  try:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-    writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
-  except ImportError:
-    writer = None
-  (workdir / "samples").mkdir(exist_ok=True)
+  log, writer = None, None
+  if writes:
+    log = open(workdir / "metrics.jsonl", "a")
+    try:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+    except ImportError:
+      pass
+    (workdir / "samples").mkdir(exist_ok=True)
+
+  def local_params():
+    """(params, stats) on this process's first device: evaluation, samples and
+    outputs then run without the other processes."""
+    return jax.device_put(jax.device_get((state["params"], state["stats"])),
+                          jax.local_devices()[0])
 
   def log_curve(step):
     """GT metrics (no outputs) at `step` into eval_curve.jsonl: quality vs compute."""
-    results = evaluate(config, model, guidance, state["params"], state["stats"], train_tables,
+    if not writes:
+      return
+    results = evaluate(config, model, guidance, *local_params(), train_tables,
                        heldout_tables, frames_per_prompt(config, step, num_train))
     results.pop("per_prompt")
     with open(workdir / "eval_curve.jsonl", "a") as curve:
@@ -630,7 +695,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   preempted = False
   with _Preemption() as preemption, tqdm.tqdm(
       total=config.train.num_steps, initial=start_step, desc="att3d",
-      disable=not config.train.progress_bar) as progress:
+      disable=not (config.train.progress_bar and writes)) as progress:
     while step < config.train.num_steps:
       batch = jax.device_put(sample_batch(config, train_tables, step), data_sharding(mesh))
       state, metrics = train_step(state, batch, key)
@@ -644,8 +709,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   "frames_per_prompt": frames_per_prompt(config, step, num_train),
                   "steps_per_second": (step - start_step) / max(seconds, 1e-9),
                   "nan_skips": nan_total, **metrics}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        if log is not None:
+          log.write(json.dumps(record) + "\n")
+          log.flush()
         if writer is not None:
           for name, value in record.items():
             if name != "step":
@@ -659,21 +725,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               "optim.lr_mlp or set optim.grad_clip_norm. The last good state is saved.")
       if step % config.train.checkpoint_every == 0:
         manager.save(step, args=ocp.args.StandardSave(state))
-      if config.train.sample_every and step % config.train.sample_every == 0:
-        sample_sheet(config, model, guidance, state["params"], state["stats"], train_tables,
+      if writes and config.train.sample_every and step % config.train.sample_every == 0:
+        sample_sheet(config, model, guidance, *local_params(), train_tables,
                      workdir / "samples" / f"step_{step:06d}.png")
       if config.eval.curve_every and step % config.eval.curve_every == 0:
         log_curve(step)
-      if preemption.requested or step == stop_at:
+      if preemption.reached(step) or step == stop_at:
         preempted = True
         break
-      if config.train.time_budget_s and time.time() - start > config.train.time_budget_s:
-        print(f"\ntime budget of {config.train.time_budget_s:.0f} s reached at step {step}")
-        break
+      if config.train.time_budget_s:
+        over = time.time() - start > config.train.time_budget_s
+        if jax.process_count() > 1:  # process 0's clock decides: all stop at one step
+          over = bool(multihost_utils.broadcast_one_to_all(np.asarray(over)))
+        if over:
+          print(f"\ntime budget of {config.train.time_budget_s:.0f} s reached at step {step}")
+          break
   if manager.latest_step() != step:
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
   manager.wait_until_finished()
-  log.close()
+  if log is not None:
+    log.close()
   if writer is not None:
     writer.close()
   if preempted:
@@ -681,16 +752,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {"preempted": True, "step": step}
 
   frames = frames_per_prompt(config, step, num_train)
-  results = evaluate(config, model, guidance, state["params"], state["stats"], train_tables,
-                     heldout_tables, frames)
+  params, stats = local_params()
+  results = evaluate(config, model, guidance, params, stats, train_tables, heldout_tables,
+                     frames)
   results.update(steps=step, train_seconds=time.time() - start,
                  num_train_prompts=num_train, mapping=config.mapping.kind)
+  if not writes:
+    return results
   (workdir / "eval.json").write_text(json.dumps(results, indent=2))
   if config.eval.write_outputs:
     num_show = min(config.eval.num_train_outputs, num_train)
-    write_outputs(config, model, guidance, state["params"], state["stats"], train_tables,
+    write_outputs(config, model, guidance, params, stats, train_tables,
                   np.arange(num_show), workdir / "outputs" / "train")
     if heldout_tables is not None and config.mapping.kind != "per_prompt":
-      write_outputs(config, model, guidance, state["params"], state["stats"], heldout_tables,
+      write_outputs(config, model, guidance, params, stats, heldout_tables,
                     np.arange(len(heldout_tables.prompts)), workdir / "outputs" / "heldout")
   return results

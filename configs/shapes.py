@@ -72,13 +72,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 2000
-  config.train.time_budget_s = 0.0  # > 0: stop (and evaluate) after this many seconds
+  # > 0: stop (then evaluate) after this many seconds; keeps the default run within
+  # 30 minutes on a 2-core CPU even when the machine is shared.
+  config.train.time_budget_s = 0.0 if quick else 26 * 60.0
   config.train.log_every = 50
   config.train.checkpoint_every = 250
   config.train.keep_checkpoints = 3
   config.train.sample_every = 500  # preview PNG in workdir/samples; 0 = never
   config.train.max_nan_streak = 20  # abort after this many consecutive skipped steps
   config.train.progress_bar = True
+  # Multi-host: jax.distributed.initialize() first (att3d_jax/train.py
+  # initialize_distributed); the batch is sharded over every process's devices.
+  config.train.distributed = False
 
   # Ground-truth evaluation over fixed views (att3d_jax/eval/shapes_eval.py).
   config.eval = ml_collections.ConfigDict()
