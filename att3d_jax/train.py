@@ -82,7 +82,11 @@ def load_guidance(config: ml_collections.ConfigDict) -> Guidance:
   kind = config.guidance.kind
   if kind == "shapes":
     from att3d_jax.shapes import diffusion  # pylint: disable=g-import-not-at-top
-    model = diffusion.ShapesDiffusionModel(config.guidance.path)
+    try:
+      model = diffusion.ShapesDiffusionModel(config.guidance.path)
+    except FileNotFoundError as error:
+      raise FileNotFoundError(f"--config.guidance.path={config.guidance.path!r}: "
+                              f"{error}") from error
     conditioning = lambda captions: np.asarray(model.conditioning(captions))
     return Guidance(
         eps_fn=model.eps_fn(), alphas_cumprod=model.alphas_cumprod,

@@ -269,7 +269,8 @@ def test_nan_streak_aborts_with_the_last_good_state_saved(monkeypatch, tmp_path)
 def test_missing_shapes_guidance_folder_names_path_and_layout(tmp_path):
   config = oracle_config()
   config.guidance.path = str(tmp_path / "nowhere")
-  with pytest.raises(FileNotFoundError, match=r"nowhere.*unet/config.json.*text_encoder.json"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"--config.guidance.path=.*nowhere.*unet/config.json.*text_encoder.json"):
     train.load_guidance(config)
 
 
