@@ -157,15 +157,9 @@ class Generator:
                                      jnp.full((count,), jnp.deg2rad(self.fov)))
 
   def mesh(self, mapped, resolution: int = 64) -> mesh_lib.Mesh:
-    model = self.trained.model
     conditioning = None if mapped.conditioning is None else mapped.conditioning[0]
-    field = model.field_fn(self.trained.params["mlp"], mapped.tables[0], conditioning)
-    step = 2.0 * model.scene_radius / model.num_samples
-    return mesh_lib.extract_mesh(
-        jax.jit(lambda p: field(p)["density"]), jax.jit(lambda p: field(p)["albedo"]),
-        resolution=resolution, scene_radius=model.scene_radius,
-        threshold=mesh_lib.density_for_alpha(0.5, step), clip_to_sphere=True,
-        keep_largest_component=True)
+    return self.trained.model.extract_mesh(self.trained.params["mlp"], mapped.tables[0],
+                                           conditioning, resolution)
 
 
 def _ms(start: float) -> float:

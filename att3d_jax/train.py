@@ -478,14 +478,9 @@ def write_outputs(config, model, guidance, params, stats, tables: PromptTables,
     turntable.save_png(turntable.contact_sheet(frames[i][::max(1, len(frames[i]) // 8)]),
                        out_dir / f"{name}.png")
     conditioning = None if mapped.conditioning is None else mapped.conditioning[i]
-    field = model.field_fn(params["mlp"], mapped.tables[i], conditioning)
-    step = 2.0 * model.scene_radius / model.num_samples
     try:
-      mesh = mesh_lib.extract_mesh(
-          lambda p: field(p)["density"], lambda p: field(p)["albedo"],
-          resolution=config.eval.mesh_resolution, scene_radius=model.scene_radius,
-          threshold=mesh_lib.density_for_alpha(0.5, step), clip_to_sphere=True,
-          keep_largest_component=True)
+      mesh = model.extract_mesh(params["mlp"], mapped.tables[i], conditioning,
+                                config.eval.mesh_resolution)
       mesh_lib.export_mesh(mesh, out_dir, name)
     except ValueError as error:  # an empty field: say so, keep the other outputs
       print(f"no mesh for {tables.prompts[row]!r}: {error}")
