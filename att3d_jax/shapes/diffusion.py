@@ -41,7 +41,13 @@ def unpack_conditioning(conditioning: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def encode_captions(encoder: minilm.MiniLMEncoder, captions: Sequence[str],
                     batch_size: int = 256) -> np.ndarray:
-  """Packed conditioning `[len(captions), 1 + max_length, 384]` float32."""
+  """Packed conditioning `[len(captions), 1 + max_length, 384]` float32.
+
+  Captions go through the encoder `batch_size` at a time, padded to one shape
+  (one compilation); fewer captions are padded only to the next power of two,
+  so that encoding one prompt (generation) costs one sequence, not 256.
+  """
+  batch_size = min(batch_size, 1 << max(0, (len(captions) - 1).bit_length()))
   chunks = []
   for start in range(0, len(captions), batch_size):
     batch = list(captions[start:start + batch_size])

@@ -1,0 +1,194 @@
+"""All benchmarks in one run: one table, written to docs/benchmarks.md with machine info.
+
+    python -m benchmarks.run_all            # full sizes (~10 minutes on a 2-core CPU)
+    python -m benchmarks.run_all --quick    # CI size, writes to --out (default: stdout only)
+
+Rows, each a ratio measured side by side in this run:
+  - UNet forward and forward+backward, our Flax port vs diffusers PyTorch
+    (benchmarks/bench_unet.py);
+  - hash-grid encode forward and backward vs the jnp reference
+    (benchmarks/bench_hashgrid.py);
+  - the amortized train step of configs/shapes.py with the shipped shapes model:
+    rendered frames/s, the time split into its parts (mapping network, render
+    forward+backward, guidance UNet forward, optimizer) each timed as its own
+    jitted function, and achieved FLOP/s (XLA's cost analysis of the compiled
+    step / its time) as a fraction of the FLOP/s of a large float32 matmul
+    measured in the same run;
+  - generation latency, prompt -> params -> one 64x64 render (bench_generate).
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from att3d_jax import train
+from att3d_jax.amortize import model as model_lib
+from att3d_jax.guidance import sds
+from att3d_jax.nerf import cameras as cameras_lib
+from configs import shapes as shapes_config
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_peak(quick: bool) -> float:
+  """FLOP/s of a large float32 matmul: the machine's practical peak."""
+  size = 1024 if quick else 4096
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  return 2.0 * size**3 / _median_seconds(lambda: matmul(a), 3)
+
+
+def train_step_profile(quick: bool) -> dict:
+  """Frames/s of the shapes train step, its parts, and its FLOP/s."""
+  config = shapes_config.get_config("quick" if quick else None)
+  guidance = train.load_guidance(config)
+  tables = train.prompt_tables(guidance, train.load_prompts(config).train)
+  model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(tables.prompts),
+                                           embedding_dim=tables.embedding.shape[1])
+  state, optimizer = train.init_state(config, model, tables.embedding)
+  mesh = train.make_mesh(config)
+  state = train.replicate(state, mesh)
+  step_fn = train.jit_train_step(train.make_train_step(config, model, guidance, optimizer),
+                                 mesh)
+  batch = jax.device_put(train.sample_batch(config, tables, 0), train.data_sharding(mesh))
+  key = jax.random.key(0)
+  compiled = step_fn.lower(state, batch, key).compile()
+  flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+  repeats = 3 if quick else 10
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = step_fn(holder["state"], batch, key)
+    return metrics
+
+  step_s = _median_seconds(one_step, repeats)
+  rows, views = config.batch.prompts_per_step, config.batch.views_per_prompt
+  height, width = config.camera.height, config.camera.width
+  params, stats = holder["state"]["params"], holder["state"]["stats"]
+
+  # The parts, each its own jitted function of the same shapes.
+  mapping_grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply_mapping(
+      p, stats, batch["mapping_input"], batch["prompt_index"])[0].tables**2)))
+  mapped, _ = model.apply_mapping(params, stats, batch["mapping_input"], batch["prompt_index"])
+  cameras = cameras_lib.sample_cameras(key, views, config.camera.elevation_range_deg,
+                                       config.camera.azimuth_range_deg,
+                                       config.camera.distance_range,
+                                       config.camera.fov_y_range_deg)
+  rays = cameras_lib.generate_rays(cameras, height, width)
+  flat = cameras_lib.Rays(rays.origins.reshape(-1, 3), rays.directions.reshape(-1, 3))
+
+  def render_loss(mlp, tables_batch):
+    render = lambda t: model.render_fn(mlp, t, None, key, guidance.background_color)(flat)["rgb"]
+    return jnp.sum(jax.vmap(render)(tables_batch))
+
+  render_grad = jax.jit(jax.grad(render_loss, argnums=(0, 1)))
+  x = jnp.zeros((rows * views, 3, height, width), jnp.float32)
+  text = jnp.asarray(batch["conditioning"][:, 0, 0])  # [B, L, D]
+  text = jnp.repeat(text, views, axis=0)
+  unet = jax.jit(lambda x: sds.sds_loss(guidance.eps_fn, x, key, text, guidance.uncond,
+                                        alphas_cumprod=guidance.alphas_cumprod,
+                                        guidance_scale=config.guidance.scale)[0])
+  grads = jax.tree.map(jnp.zeros_like, params)
+  update = jax.jit(lambda g, o, p: optax.apply_updates(p, optimizer.update(g, o, p)[0]))
+  parts = {
+      "mapping fwd+bwd": _median_seconds(lambda: mapping_grad(params), repeats),
+      "render fwd+bwd": _median_seconds(lambda: render_grad(params["mlp"], mapped.tables),
+                                        repeats),
+      "guidance UNet fwd (CFG)": _median_seconds(lambda: unet(x), repeats),
+      "optimizer": _median_seconds(lambda: update(grads, holder["state"]["opt_state"],
+                                                  params), repeats),
+  }
+  return {"step_s": step_s, "frames_per_s": rows * views / step_s, "flops": flops,
+          "flops_per_s": flops / step_s, "parts_s": parts,
+          "rows": rows, "views": views, "size": f"{height}x{width}"}
+
+
+def run(quick: bool) -> list[tuple[str, str, str, str]]:
+  """(benchmark, ours, reference, ratio) rows."""
+  from benchmarks import bench_generate  # pylint: disable=g-import-not-at-top
+  from benchmarks import bench_hashgrid  # pylint: disable=g-import-not-at-top
+  from benchmarks import bench_unet  # pylint: disable=g-import-not-at-top
+  table = []
+  for row in bench_unet.run(quick):
+    table.append((f"UNet {row['name'].removeprefix('unet_').replace('_', '+')} "
+                  f"(IF-style, batch {row['batch']}, {row['size']}x{row['size']})",
+                  f"{1000 * row['jax_s']:.0f} ms", f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms",
+                  f"{row['speedup']:.2f}x"))
+  hashgrid_rows = bench_hashgrid.run(quick)
+  by_pass = {}
+  for row in hashgrid_rows:
+    by_pass.setdefault(row["pass_name"], {})[row["implementation"]] = row
+  for pass_name, rows in by_pass.items():
+    ours, reference = rows["encode"], rows["encode_reference"]
+    table.append((f"hash grid {pass_name} ({ours['num_points']} points x "
+                  f"{ours['num_levels']} levels)", f"{ours['points_per_s']:.3g} pts/s",
+                  f"jnp reference {reference['points_per_s']:.3g} pts/s",
+                  f"{ours['speedup_vs_reference']:.2f}x"))
+  peak = matmul_peak(quick)
+  profile = train_step_profile(quick)
+  table.append((f"train step, configs/shapes.py{':quick' if quick else ''} "
+                f"({profile['rows']} prompts x {profile['views']} views, {profile['size']})",
+                f"{profile['frames_per_s']:.1f} frames/s ({1000 * profile['step_s']:.0f} ms/step)",
+                "", ""))
+  for part, seconds in profile["parts_s"].items():
+    table.append((f"  part: {part}", f"{1000 * seconds:.0f} ms",
+                  f"step {1000 * profile['step_s']:.0f} ms",
+                  f"{seconds / profile['step_s']:.0%} of the step"))
+  table.append(("  achieved FLOP/s (XLA cost analysis / step time)",
+                f"{profile['flops_per_s'] / 1e9:.2f} GFLOP/s",
+                f"float32 matmul {peak / 1e9:.1f} GFLOP/s", f"{profile['flops_per_s'] / peak:.1%}"))
+  if os.path.isdir(os.path.join("weights", "att3d_shapes")):
+    latency = bench_generate.run(repeats=5 if quick else 20)
+    table.append(("generation: prompt -> params -> one 64x64 render (median)",
+                  f"{latency['total_ms_median']:.1f} ms",
+                  f"mesh 64^3 {latency['mesh_ms_median']:.0f} ms", ""))
+  return table
+
+
+def machine_info() -> str:
+  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{platform.system()} {platform.release()}, jax {jax.__version__} "
+          f"({jax.default_backend()}), {datetime.date.today()}")
+
+
+def to_markdown(table, info: str, command: str) -> str:
+  lines = ["# Benchmarks", "", f"Machine: {info}", "", f"Command: `{command}`", "",
+           "| benchmark | ours | reference | ratio |", "|---|---|---|---|"]
+  lines += [f"| {' | '.join(row)} |" for row in table]
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="CI sizes")
+  parser.add_argument("--out", default=None,
+                      help="markdown file (default: docs/benchmarks.md, none with --quick)")
+  args = parser.parse_args()
+  table = run(args.quick)
+  markdown = to_markdown(table, machine_info(),
+                         "python -m benchmarks.run_all" + (" --quick" if args.quick else ""))
+  print(markdown)
+  out = args.out or (None if args.quick else os.path.join("docs", "benchmarks.md"))
+  if out:
+    with open(out, "w") as f:
+      f.write(markdown)
+
+
+if __name__ == "__main__":
+  main()
