@@ -329,18 +329,41 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec("data"))
 
 
-def replicate(tree, mesh: Mesh):
-  """Commits `tree` to every device of the mesh, as the train step returns it
-  (an uncommitted input would compile the step a second time)."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+# State leaves at least this wide are split over the mesh's "model" axis (last
+# dimension): the hypernetwork's output layer, its Adam moments and spectral
+# state, which grow with the hash grid (hidden_width x L * T * F).
+MIN_SHARDED_WIDTH = 4096
 
 
-def jit_train_step(train_step, mesh: Mesh):
-  """jit with the batch sharded over the mesh's "data" axis and the state
-  replicated; the state's buffers are donated."""
+def state_shardings(state, mesh: Mesh):
+  """NamedSharding per state leaf: replicated, except leaves of width >=
+  MIN_SHARDED_WIDTH (divisible by the "model" axis) split on their last
+  dimension when the mesh has a "model" axis of size > 1."""
+  model_size = dict(mesh.shape).get("model", 1)
+
+  def sharding(leaf):
+    shape = getattr(leaf, "shape", ())
+    if (model_size > 1 and len(shape) >= 1 and shape[-1] >= MIN_SHARDED_WIDTH
+        and shape[-1] % model_size == 0):
+      return NamedSharding(mesh, PartitionSpec(*([None] * (len(shape) - 1)), "model"))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(sharding, state)
+
+
+def place_state(state, mesh: Mesh):
+  """Commits the train state to the mesh with `state_shardings`, as the train
+  step returns it (an uncommitted input would compile the step a second time)."""
+  return jax.device_put(state, state_shardings(state, mesh))
+
+
+def jit_train_step(train_step, mesh: Mesh, state):
+  """jit with the batch sharded over the mesh's "data" axis and the state laid
+  out by `state_shardings` (`state` gives the shapes); the state is donated."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(train_step, in_shardings=(replicated, data_sharding(mesh), replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  shardings = state_shardings(state, mesh)
+  return jax.jit(train_step, in_shardings=(shardings, data_sharding(mesh), replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
 def initialize_distributed() -> None:
@@ -356,12 +379,22 @@ def initialize_distributed() -> None:
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """A 1-D mesh "data" over every device of every process."""
-  devices = jax.devices()
-  if config.batch.prompts_per_step % len(devices):
+  """The device mesh over every device of every process: axis "data" (the
+  batch's prompt rows), and with config.train.model_parallelism = m > 1 a
+  second axis "model" of size m over which the hypernetwork's output layer is
+  split (see `state_shardings`)."""
+  devices = np.asarray(jax.devices())
+  model_size = config.train.model_parallelism
+  if model_size < 1 or len(devices) % model_size:
+    raise ValueError(f"train.model_parallelism={model_size} must divide the "
+                     f"{len(devices)} devices")
+  data_size = len(devices) // model_size
+  if config.batch.prompts_per_step % data_size:
     raise ValueError(f"batch.prompts_per_step={config.batch.prompts_per_step} must be a "
-                     f"multiple of the {len(devices)} devices the batch is sharded over")
-  return Mesh(np.asarray(devices), ("data",))
+                     f"multiple of the {data_size} devices the batch is sharded over")
+  if model_size == 1:
+    return Mesh(devices, ("data",))
+  return Mesh(devices.reshape(data_size, model_size), ("data", "model"))
 
 
 def frames_per_prompt(config: ml_collections.ConfigDict, step: int, num_prompts: int) -> float:
@@ -647,7 +680,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   state, optimizer = init_state(config, model, train_tables.embedding)
   mesh = make_mesh(config)
-  state = replicate(state, mesh)
+  state = place_state(state, mesh)
   manager = checkpoint_manager(workdir, config.train.keep_checkpoints)
   state = restore_latest(manager, state)  # straight into the replicated sharding
   unreadable = [step for step in manager.all_steps() if step > int(state["step"])]
@@ -656,7 +689,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writes = jax.process_index() == 0  # logs, samples, eval.json, outputs
   if writes:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  train_step = jit_train_step(make_train_step(config, model, guidance, optimizer), mesh)
+  train_step = jit_train_step(make_train_step(config, model, guidance, optimizer), mesh,
+                              state)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   num_train = len(prompt_set.train)
 

@@ -63,9 +63,9 @@ def train_step_profile(quick: bool) -> dict:
                                            embedding_dim=tables.embedding.shape[1])
   state, optimizer = train.init_state(config, model, tables.embedding)
   mesh = train.make_mesh(config)
-  state = train.replicate(state, mesh)
+  state = train.place_state(state, mesh)
   step_fn = train.jit_train_step(train.make_train_step(config, model, guidance, optimizer),
-                                 mesh)
+                                 mesh, state)
   batch = jax.device_put(train.sample_batch(config, tables, 0), train.data_sharding(mesh))
   key = jax.random.key(0)
   compiled = step_fn.lower(state, batch, key).compile()

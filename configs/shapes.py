@@ -84,6 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Multi-host: jax.distributed.initialize() first (att3d_jax/train.py
   # initialize_distributed); the batch is sharded over every process's devices.
   config.train.distributed = False
+  # Devices per hypernetwork shard: a 2-D mesh ("data", "model") splits the
+  # output layer (and its Adam state) over "model"; 1 = data parallel only.
+  config.train.model_parallelism = 1
 
   # Ground-truth evaluation over fixed views (att3d_jax/eval/shapes_eval.py).
   config.eval = ml_collections.ConfigDict()

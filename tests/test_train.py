@@ -66,8 +66,8 @@ def setup(config, guidance=None):
   state, optimizer = train.init_state(config, model, tables.embedding)
   mesh = train.make_mesh(config)
   step_fn = train.jit_train_step(train.make_train_step(config, model, guidance, optimizer),
-                                 mesh)
-  return guidance, tables, model, train.replicate(state, mesh), mesh, step_fn
+                                 mesh, state)
+  return guidance, tables, model, train.place_state(state, mesh), mesh, step_fn
 
 
 def run_steps(config, num_steps, guidance=None):
@@ -171,7 +171,7 @@ def test_non_finite_step_is_skipped_and_counted():
   guidance, tables, model, state, mesh, _ = setup(config)
   _, optimizer = train.init_state(config, model, tables.embedding)
   step_fn = train.jit_train_step(
-      train.make_train_step(config, model, guidance, optimizer, poison_step=1), mesh)
+      train.make_train_step(config, model, guidance, optimizer, poison_step=1), mesh, state)
   key = jax.random.key(0)
   batch = lambda step: jax.device_put(train.sample_batch(config, tables, step),
                                       train.data_sharding(mesh))
@@ -202,27 +202,32 @@ _DEVICE_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     import test_train
-    config = test_train.quick_config()
+    config = test_train.quick_config(train__model_parallelism={model})
     state, history, _ = test_train.run_steps(config, 3)
     leaves = jax.tree.leaves(state["params"])
-    print(json.dumps({{"devices": len(jax.devices()),
+    sharded = any("model" in str(getattr(x.sharding, "spec", "")) for x in leaves)
+    print(json.dumps({{"devices": len(jax.devices()), "sharded": sharded,
                       "grad_norm": [float(h["grad_norm"]) for h in history],
                       "param_sum": float(sum(np.abs(np.asarray(x)).sum() for x in leaves))}}))
 """)
 
 
-def _run_on_devices(num_devices: int) -> dict:
+def _run_on_devices(num_devices: int, model_parallelism: int = 1) -> dict:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
              JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT.format(tests=os.path.join(
-      REPO, "tests"))], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  script = _DEVICE_SCRIPT.format(tests=os.path.join(REPO, "tests"), model=model_parallelism)
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_four_devices_match_one_device():
-  one, four = _run_on_devices(1), _run_on_devices(4)
+@pytest.mark.parametrize("model_parallelism", [1, 2])
+def test_four_devices_match_one_device(model_parallelism):
+  """4 devices: data parallel, or 2 x 2 with the hypernet's output layer split."""
+  one, four = _run_on_devices(1), _run_on_devices(4, model_parallelism)
   assert (one["devices"], four["devices"]) == (1, 4)
+  assert four["sharded"] == (model_parallelism > 1) and not one["sharded"]
   np.testing.assert_allclose(four["grad_norm"], one["grad_norm"], rtol=1e-5)
   np.testing.assert_allclose(four["param_sum"], one["param_sum"], rtol=1e-5)
 
