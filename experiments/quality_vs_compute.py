@@ -17,8 +17,6 @@ Writes <workdir>/quality_vs_compute.{csv,png}, config.json and one training
 workdir per mapping kind.
 """
 
-import csv
-import json
 import pathlib
 
 from absl import app
@@ -26,44 +24,31 @@ from absl import flags
 import ml_collections
 
 from att3d_jax import train
+from experiments import common
 
-METRICS = ("iou", "psnr", "color_acc", "r_precision")
+METRICS = common.METRICS
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, kinds=("hypernet", "per_prompt"),
         curve_every: int = 250) -> list[dict]:
   """Trains each mapping kind, returns the curve rows (also written as CSV + PNG)."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  common.write_config(config, workdir)
   rows = []
   for kind in kinds:
-    run_config = ml_collections.ConfigDict(config.to_dict())
-    run_config.mapping.kind = kind
-    run_config.eval.curve_every = curve_every
-    run_config.eval.write_outputs = False
+    run_config = common.variant(config, {"mapping.kind": kind,
+                                         "eval.curve_every": curve_every,
+                                         "eval.write_outputs": False})
     run_dir = workdir / kind
     train.train_and_evaluate(run_config, str(run_dir))
-    for line in (run_dir / "eval_curve.jsonl").read_text().splitlines():
-      point = json.loads(line)
-      for split in ("train", "heldout"):
-        if point.get(split):
-          rows.append({"mapping": kind, "split": split, "step": point["step"],
-                       "frames_per_prompt": point["frames_per_prompt"],
-                       **{name: point[split][name] for name in METRICS}})
-  with open(workdir / "quality_vs_compute.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+    rows += common.curve_rows(run_dir, {"mapping": kind})
+  common.write_csv(rows, workdir / "quality_vs_compute.csv")
   plot(rows, workdir / "quality_vs_compute.png")
   return rows
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = common.pyplot()
   figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
   styles = {("hypernet", "train"): ("C0", "-", "amortized, seen"),
             ("hypernet", "heldout"): ("C0", "--", "amortized, unseen"),
@@ -77,8 +62,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         axis.plot([p["frames_per_prompt"] for p in points], [p[metric] for p in points],
                   color=color, linestyle=line, marker="o", markersize=3, label=label)
     axis.set_xlabel("rendered frames per prompt")
-    axis.set_title({"iou": "silhouette IoU (GT)", "color_acc": "color accuracy (GT)",
-                    "r_precision": "GT R-precision"}[metric])
+    axis.set_title(common.METRIC_TITLES[metric])
     axis.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   figure.tight_layout()
@@ -90,10 +74,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if _QUICK.value:
-    from configs import shapes  # pylint: disable=g-import-not-at-top
-    config = shapes.get_config("quick")
-    config.guidance.path = _CONFIG.value.guidance.path
-    config.train.progress_bar = False
+    config = common.quick_config(_CONFIG.value.guidance.path)
   rows = run(config, _WORKDIR.value, tuple(_KINDS.value),
              2 if _QUICK.value else _CURVE_EVERY.value)
   print(f"{'mapping':>10s} {'split':>7s} {'frames':>7s} " + " ".join(f"{m:>11s}" for m in METRICS))

@@ -1,0 +1,155 @@
+"""The ATT3D experiments end to end at CI size, through their run() functions.
+
+Each run trains tiny models (2-3 steps of configs/shapes.py:quick) with the
+tiny random shapes diffusion model, so the numbers are checked for being
+finite and in range, not for quality. The runs share one persistent XLA
+compilation cache: their train steps, renderers and GT renderers compile once.
+"""
+
+import csv
+import functools
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import numpy as np
+import pytest
+
+from att3d_jax import train
+from att3d_jax.shapes import diffusion
+from experiments import common
+from experiments import generalization
+from experiments import guidance_weight
+from experiments import interpolation
+from experiments import quality_vs_compute
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for this module's runs; JAX's settings are restored after."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  previous = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def small_text_batches(monkeypatch):
+  """Captions are encoded 32 at a time, not 256: the sets here are small, and a
+  padded batch of 256 would make text encoding most of these tests' time."""
+  monkeypatch.setattr(diffusion, "encode_captions",
+                      functools.partial(diffusion.encode_captions, batch_size=32))
+
+
+@pytest.fixture
+def tiny_config(tiny_shapes_model):
+  """configs/shapes.py:quick with the tiny model, 2 steps, 1 evaluation view, 8
+  training prompts scored."""
+  return common.quick_config(tiny_shapes_model, {
+      **common.TINY, "train.num_steps": 2, "eval.views_per_elevation": 1,
+      "eval.max_train_prompts": 8})
+
+
+def check_metrics(row: dict, names=common.METRICS) -> None:
+  for name in names:
+    assert np.isfinite(row[name]), (name, row)
+    if name.endswith("psnr"):
+      assert 0.0 < row[name] < 100.0, (name, row)
+    else:
+      assert 0.0 <= row[name] <= 1.0, (name, row)
+
+
+def read_csv(path) -> list[dict]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_variant_copies_and_rejects_unknown_fields(tiny_config):
+  changed = common.variant(tiny_config, {"mapping.kind": "concat"})
+  assert changed.mapping.kind == "concat" and tiny_config.mapping.kind == "hypernet"
+  with pytest.raises(ValueError, match="mapping.knd"):
+    common.variant(tiny_config, {"mapping.knd": "concat"})
+  with pytest.raises(ValueError, match="seed.value"):
+    common.variant(tiny_config, {"seed.value": 1})
+
+
+def test_quality_vs_compute(tiny_config, tmp_path):
+  rows = quality_vs_compute.run(tiny_config, str(tmp_path), ("hypernet", "per_prompt"),
+                                curve_every=2)
+  assert {(r["mapping"], r["split"], r["step"]) for r in rows} == {
+      (kind, split, step) for kind in ("hypernet", "per_prompt") for step in (0, 2)
+      for split in (("train", "heldout") if kind == "hypernet" else ("train",))}
+  for row in rows:
+    check_metrics(row)
+  assert len(read_csv(tmp_path / "quality_vs_compute.csv")) == len(rows)
+  assert (tmp_path / "quality_vs_compute.png").stat().st_size > 0
+  assert (tmp_path / "config.json").is_file()
+
+
+def test_generalization(tiny_config, tmp_path, monkeypatch):
+  # shapes_2400 at 1/125 of its size (the splits stay nested prefixes: 2 and 16
+  # prompts), 4 held-out prompts: the experiment's logic at CI cost.
+  load_prompts = train.load_prompts
+  monkeypatch.setattr(train, "load_prompts", lambda config: (lambda s: s._replace(
+      train=s.train[:len(s.train) // 125], heldout=s.heldout[:4]))(load_prompts(config)))
+  rows = generalization.run(tiny_config, str(tmp_path), ("12.5%", "100%"), curve_every=2,
+                            num_steps=3, budget_min=0.0, eval_views=2)
+  # Curve points at steps 0 and 2, and the final evaluation at step 3.
+  assert {(r["train_split"], r["num_train_prompts"], r["split"], r["step"]) for r in rows} == {
+      (split, count, prompts, step) for split, count in (("12.5%", 2), ("100%", 16))
+      for prompts in ("train", "heldout") for step in (0, 2, 3)}
+  for row in rows:
+    check_metrics(row)
+    assert row["rendered_frames"] == row["step"] * 4 * 2  # B x V
+  assert [r["num_train_prompts"] for r in generalization.equal_compute_rows(rows)] == [2, 16]
+  assert len(read_csv(tmp_path / "generalization.csv")) == len(rows)
+  assert (tmp_path / "generalization.png").stat().st_size > 0
+  assert (tmp_path / "config.json").is_file()
+
+
+def test_path_smoothness_of_a_cross_fade():
+  black, white = np.zeros((4, 4, 3)), np.ones((4, 4, 3))
+  weights = np.linspace(0.0, 1.0, 5)
+  frames = np.stack([(1 - a) * black + a * white for a in weights])
+  scores = interpolation.path_smoothness(frames)
+  np.testing.assert_allclose(scores["endpoint_rms"], 1.0)
+  np.testing.assert_allclose(scores["smoothness_rms"], 0.25)  # endpoint_rms / (N - 1)
+  np.testing.assert_allclose(scores["max_step_rms"], 0.25)
+  jump = np.stack([black, black, white, white, white])
+  assert interpolation.path_smoothness(jump)["max_step_rms"] == pytest.approx(1.0)
+
+
+def test_interpolation(tiny_config, tmp_path):
+  pairs = interpolation.PAIRS[:2]
+  rows = interpolation.run(tiny_config, str(tmp_path), "embedding", pairs, num_weights=3)
+  assert [(r["interpolation"], r["prompt_a"], r["prompt_b"]) for r in rows] == [
+      (kind, a, b) for kind in ("none", "embedding") for a, b in pairs]
+  for row in rows:
+    check_metrics(row, ("endpoint_iou", "endpoint_psnr", "endpoint_color_acc"))
+    assert 0.0 <= row["smoothness_rms"] <= row["max_step_rms"] <= 1.0
+    assert 0.0 <= row["endpoint_rms"] <= 1.0
+  assert len(read_csv(tmp_path / "interpolation.csv")) == len(rows)
+  for name in ("interpolation.png", "interpolation_strips.png", "config.json"):
+    assert (tmp_path / name).stat().st_size > 0
+  with pytest.raises(ValueError, match="interpolation"):
+    interpolation.run(tiny_config, str(tmp_path), "mixed")
+
+
+def test_guidance_weight(tiny_config, tmp_path):
+  rows = guidance_weight.run(tiny_config, str(tmp_path), weights=(2.0, 10.0))
+  assert [(r["weight"], r["split"]) for r in rows] == [
+      (weight, split) for weight in (2.0, 10.0) for split in ("train", "heldout")]
+  for row in rows:
+    check_metrics(row)
+    assert row["steps"] == 2
+  assert len(read_csv(tmp_path / "guidance_weight.csv")) == len(rows)
+  for name in ("guidance_weight.png", "guidance_weight_strip.png", "config.json"):
+    assert (tmp_path / name).stat().st_size > 0
+  with pytest.raises(ValueError, match="scale_range"):
+    guidance_weight.run(tiny_config, str(tmp_path / "outside"), weights=(20.0,))
