@@ -13,6 +13,9 @@ environment variables it needs outside a managed cluster (TPU pod, SLURM, ...).
 """
 
 import json
+import os
+import pathlib
+import sys
 
 from absl import app
 from absl import flags
@@ -39,5 +42,25 @@ def main(argv):
   print(json.dumps(summary, indent=2))
 
 
+def check_config_path(argv: list[str]) -> None:
+  """Exits with the list of available configs if --config names no file (absl's
+  own message would only say the file does not exist)."""
+  for index, arg in enumerate(argv):
+    if arg == "--config" and index + 1 < len(argv):
+      value = argv[index + 1]
+    elif arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    else:
+      continue
+    path = value.split(":", 1)[0]
+    if not os.path.isfile(path):
+      configs_dir = pathlib.Path(__file__).resolve().parent.parent / "configs"
+      available = sorted(f"configs/{p.name}" for p in configs_dir.glob("*.py")
+                         if p.name not in ("__init__.py", "base.py"))
+      sys.exit(f"--config={value}: no such config file. Available: {', '.join(available)} "
+               "(append :quick for the CI-sized variant)")
+
+
 if __name__ == "__main__":
+  check_config_path(sys.argv)
   app.run(main)

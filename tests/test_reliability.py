@@ -370,3 +370,12 @@ def test_two_processes_match_one_and_stop_together(uninterrupted, tiny_shapes_mo
                                  jax.tree.leaves(expected["params"])):
     difference = np.linalg.norm(leaf - expected_leaf)
     assert difference <= 1e-4 * np.linalg.norm(expected_leaf), difference
+
+
+def test_unknown_config_file_lists_the_available_ones(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "att3d_jax.main", "--config=configs/nope.py",
+                        f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode != 0
+  assert "configs/nope.py" in out.stderr and "configs/shapes.py" in out.stderr
+  assert "configs/animals.py" in out.stderr
