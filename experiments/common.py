@@ -112,6 +112,13 @@ def pyplot():
   return plt
 
 
+def save_figure(figure, path: pathlib.Path) -> None:
+  """tight_layout, write a 120-dpi PNG, close."""
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  pyplot().close(figure)
+
+
 def save_image_rows(rows: Sequence[tuple[str, np.ndarray]], column_labels: Sequence[str],
                     path: pathlib.Path, title: str = "") -> None:
   """A labeled grid of renders: one row per (label, frames [C, H, W, 3] in [0, 1]),
@@ -134,6 +141,4 @@ def save_image_rows(rows: Sequence[tuple[str, np.ndarray]], column_labels: Seque
     axis.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
   if title:
     axes[0, 0].set_title(title, fontsize=9)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  save_figure(figure, path)

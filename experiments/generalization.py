@@ -129,9 +129,7 @@ def plot(rows: Sequence[dict], path: pathlib.Path) -> None:
   axes[-1].set_title(f"unseen prompts at step {final[0]['step']}")
   axes[-1].grid(alpha=0.3)
   axes[-1].legend(fontsize=7)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  common.save_figure(figure, path)
 
 
 def main(argv):

@@ -157,9 +157,7 @@ def plot(rows: Sequence[dict], path: pathlib.Path) -> None:
     axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3, axis="y")
   axes[0].legend(title="interpolation training", fontsize=7)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  common.save_figure(figure, path)
 
 
 def main(argv):

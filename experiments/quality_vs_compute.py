@@ -65,9 +65,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     axis.set_title(common.METRIC_TITLES[metric])
     axis.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  common.save_figure(figure, path)
 
 
 def main(argv):
