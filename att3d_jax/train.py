@@ -12,8 +12,10 @@ then, for every row:
   3. follows the SDS gradient of the frozen text-to-image model, captioned
      with each view's label ("..., side view"), with classifier-free guidance.
 
-The batch axis is sharded over a 1-D `Mesh` (axis "data") of all devices, on
-every host (config.train.distributed); parameters are replicated. Every process
+The batch axis is sharded over the mesh axis "data" of all devices, on every
+host (config.train.distributed); parameters are replicated, except that with
+config.train.model_parallelism > 1 a second axis "model" splits the
+hypernetwork's output layer and its optimizer state (`state_shardings`). Every process
 builds the same global batch and `jax.device_put` keeps its own rows; only
 process 0 writes logs, samples and outputs (orbax coordinates checkpoints). A
 non-finite loss or gradient skips the update inside the step (params and
