@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from att3d_jax import compilation_cache
 from att3d_jax import train
 from att3d_jax.amortize import model as model_lib
 from att3d_jax.nerf import cameras as cameras_lib
@@ -226,6 +227,7 @@ def main(argv):
   prompts = list(_PROMPTS.value or [])
   if not prompts and not pair:
     raise app.UsageError("pass --prompt=... (repeatable) and/or --interpolate A B")
+  compilation_cache.enable(_COMPILATION_CACHE.value)
   source = _WORKDIR.value or str(SHIPPED_MODEL)
   trained = load_trained(source, _GUIDANCE_PATH.value)
   generator = Generator(trained, _SIZE.value)
@@ -263,4 +265,7 @@ if __name__ == "__main__":
   _GUIDANCE_PATH = flags.DEFINE_string("guidance_path", None, "override the guidance "
                                        "model folder recorded in the model's config")
   _JSON = flags.DEFINE_bool("json", False, "print per-stage latency as JSON lines")
+  _COMPILATION_CACHE = flags.DEFINE_string(
+      "compilation_cache", compilation_cache.DEFAULT_DIR,
+      "persistent XLA compilation cache folder ('' = off): later runs skip compiling")
   app.run(main)

@@ -22,11 +22,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from att3d_jax import compilation_cache
 from att3d_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and outputs")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", compilation_cache.DEFAULT_DIR,
+    "persistent XLA compilation cache folder ('' = off): a resumed run skips compiling")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,6 +38,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  compilation_cache.enable(_COMPILATION_CACHE.value)
   if _CONFIG.value.train.distributed:  # before anything touches a device
     train.initialize_distributed()
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

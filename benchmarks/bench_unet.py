@@ -84,13 +84,17 @@ def _median_times(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
   return statistics.median(wall), statistics.median(cpu)
 
 
-def run(quick: bool = False, threads: int | None = None) -> list[dict]:
+def run(quick: bool = False, threads: int | None = None,
+        accelerator: bool = False) -> list[dict]:
   """Times JAX and PyTorch; one dict per measurement (name, shapes, seconds, speedups).
 
   Args:
     quick: batch 1 at 32x32 and 3 repeats instead of batch 4 at 64x64 and 5 repeats.
     threads: None for all cores; 1 needs XLA_FLAGS=SINGLE_THREAD_XLA_FLAGS set before JAX
       first runs anything (`main` does this).
+    accelerator: JAX runs on its default GPU/TPU at batch 16, and a bfloat16 forward row
+      is added (its ratio is against float32 JAX); PyTorch runs on CUDA when its build has
+      it, otherwise its columns are None (a CPU PyTorch is no reference for a GPU).
   """
   if threads not in (None, 1):
     raise ValueError(f'threads must be None (all cores) or 1, got {threads}.')
@@ -98,29 +102,38 @@ def run(quick: bool = False, threads: int | None = None) -> list[dict]:
     raise RuntimeError(f'threads=1 needs XLA_FLAGS="{SINGLE_THREAD_XLA_FLAGS}" before JAX '
                        'starts; run `python -m benchmarks.bench_unet --threads 1`.')
   batch, size, repeats = (1, 32, 3) if quick else (4, 64, 5)
+  if accelerator:
+    batch, repeats = 16, 10
+  torch_device = 'cuda' if accelerator and torch.cuda.is_available() else 'cpu'
   torch.set_num_threads(threads or os.cpu_count())
   torch.manual_seed(0)
   model = diffusers.UNet2DConditionModel(**CONFIG).eval()
   with tempfile.TemporaryDirectory() as folder:
     model.save_pretrained(folder)
     unet = load_unet(folder)
+    unet_bf16 = load_unet(folder, dtype=jnp.bfloat16) if accelerator else None
+  model = model.to(torch_device)
   inputs = _inputs(batch, size)
-  torch_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+  torch_inputs = {k: torch.from_numpy(v).to(torch_device) for k, v in inputs.items()}
   jax_inputs = {k: jnp.asarray(v) for k, v in inputs.items()}
   cotangent = np.random.default_rng(1).standard_normal(
       (batch, CONFIG['out_channels'], size, size)).astype(np.float32)
-  torch_cotangent = torch.from_numpy(cotangent)
+  torch_cotangent = torch.from_numpy(cotangent).to(torch_device)
+  sync = torch.cuda.synchronize if torch_device == 'cuda' else lambda: None
 
   def torch_forward():
     with torch.no_grad():
-      return model(torch_inputs['sample'], torch_inputs['timesteps'],
-                   torch_inputs['encoder_hidden_states']).sample
+      out = model(torch_inputs['sample'], torch_inputs['timesteps'],
+                  torch_inputs['encoder_hidden_states']).sample
+    sync()
+    return out
 
   def torch_forward_backward():
     model.zero_grad(set_to_none=True)
     sample = torch_inputs['sample'].clone().requires_grad_(True)
     out = model(sample, torch_inputs['timesteps'], torch_inputs['encoder_hidden_states']).sample
     (out * torch_cotangent).sum().backward()
+    sync()
     return sample.grad
 
   def loss(params, sample):
@@ -133,15 +146,26 @@ def run(quick: bool = False, threads: int | None = None) -> list[dict]:
   jax_forward_backward = lambda: jax.block_until_ready(grad_fn(unet.params, jax_inputs['sample']))
 
   results = []
+  torch_runs = torch_device == 'cuda' or not accelerator
   for name, jax_fn, torch_fn in (
       ('unet_forward', jax_forward, torch_forward),
       ('unet_forward_backward', jax_forward_backward, torch_forward_backward)):
     jax_wall, jax_cpu = _median_times(jax_fn, repeats)
-    torch_wall, torch_cpu = _median_times(torch_fn, repeats)
+    torch_wall, torch_cpu = _median_times(torch_fn, repeats) if torch_runs else (None, None)
     results.append(dict(
         name=name, batch=batch, size=size, threads=threads or os.cpu_count(),
-        jax_s=jax_wall, torch_s=torch_wall, speedup=torch_wall / jax_wall,
-        jax_cpu_s=jax_cpu, torch_cpu_s=torch_cpu, cpu_speedup=torch_cpu / jax_cpu))
+        jax_s=jax_wall, torch_s=torch_wall,
+        speedup=torch_wall / jax_wall if torch_runs else None,
+        jax_cpu_s=jax_cpu, torch_cpu_s=torch_cpu,
+        cpu_speedup=torch_cpu / jax_cpu if torch_runs else None))
+  if unet_bf16 is not None:
+    bf16_wall, bf16_cpu = _median_times(
+        lambda: jax.block_until_ready(unet_bf16(**jax_inputs)), repeats)
+    results.append(dict(
+        name='unet_forward_bfloat16', batch=batch, size=size,
+        threads=threads or os.cpu_count(), jax_s=bf16_wall, torch_s=None, speedup=None,
+        float32_s=results[0]['jax_s'], speedup_vs_float32=results[0]['jax_s'] / bf16_wall,
+        jax_cpu_s=bf16_cpu, torch_cpu_s=None, cpu_speedup=None))
   return results
 
 

@@ -14,14 +14,30 @@ Rows, each a ratio measured side by side in this run:
     jitted function, and achieved FLOP/s (XLA's cost analysis of the compiled
     step / its time) as a fraction of the FLOP/s of a large float32 matmul
     measured in the same run;
-  - generation latency, prompt -> params -> one 64x64 render (bench_generate).
+  - generation latency, prompt -> params -> one 64x64 render (bench_generate);
+  - the generation CLI from a cold and from a warm persistent compilation cache
+    (att3d_jax/compilation_cache.py), full mode only;
+  - per-prompt SDS vs amortized: frames per prompt to first reach a GT silhouette
+    IoU on the shapes Pig64 analog, read from the committed curves of
+    experiments/quality_vs_compute.py (docs/results/quality_vs_compute.csv): two
+    trainings of ~25 minutes each are no benchmark row, so that row cites its run.
+
+    python -m benchmarks.run_all --gpu      # on a GPU/TPU machine: accelerator sizes
+
+--gpu runs JAX on the default accelerator (batch 16 UNet, plus a bfloat16 row against
+float32), PyTorch on CUDA only where its build has CUDA, and writes
+docs/benchmarks_gpu.md; it refuses to run without an accelerator.
 """
 
 import argparse
 import datetime
 import os
+import csv
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -119,17 +135,78 @@ def train_step_profile(quick: bool) -> dict:
           "rows": rows, "views": views, "size": f"{height}x{width}"}
 
 
-def run(quick: bool) -> list[tuple[str, str, str, str]]:
-  """(benchmark, ours, reference, ratio) rows."""
+QUALITY_VS_COMPUTE_CSV = os.path.join("docs", "results", "quality_vs_compute.csv")
+
+
+def frames_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+  """Frames per prompt where a (frames, iou) curve first reaches `target`, linearly
+  interpolated between evaluations; None if it never does."""
+  previous = None
+  for frames, iou in points:
+    if iou >= target:
+      if previous is None:
+        return frames
+      frames0, iou0 = previous
+      return frames0 + (frames - frames0) * (target - iou0) / (iou - iou0)
+    previous = (frames, iou)
+  return None
+
+
+def frames_to_iou_row(path: str = QUALITY_VS_COMPUTE_CSV,
+                      target: float = 0.72) -> tuple[str, str, str, str] | None:
+  """Amortized vs per-prompt frames per training prompt to reach IoU `target` (seen
+  prompts), from the committed quality-vs-compute curves; None if they are absent."""
+  if not os.path.exists(path):
+    return None
+  curves = {}
+  with open(path) as f:
+    for row in csv.DictReader(f):
+      if row["split"] == "train":
+        curves.setdefault(row["mapping"], []).append(
+            (float(row["frames_per_prompt"]), float(row["iou"])))
+  if not {"hypernet", "per_prompt"} <= curves.keys():
+    return None
+  amortized, per_prompt = (frames_to_reach(sorted(curves[k]), target)
+                           for k in ("hypernet", "per_prompt"))
+  show = lambda f: "not reached" if f is None else f"{f:.0f} frames/prompt"
+  ratio = (f"{per_prompt / amortized:.2f}x fewer frames"
+           if amortized and per_prompt else "")
+  return (f"frames per prompt to seen IoU {target} (amortized vs per-prompt, "
+          f"from {path})", show(amortized), f"per-prompt {show(per_prompt)}", ratio)
+
+
+def cli_startup_seconds() -> tuple[float, float]:
+  """Wall seconds of one `python -m att3d_jax.generate` call, with an empty and then
+  with the warm persistent compilation cache it filled."""
+  times = []
+  with tempfile.TemporaryDirectory() as folder:
+    command = [sys.executable, "-m", "att3d_jax.generate", "--prompt=a red cube",
+               f"--out={folder}/out", f"--compilation_cache={folder}/cache"]
+    for _ in range(2):
+      start = time.perf_counter()
+      subprocess.run(command, check=True, capture_output=True)
+      times.append(time.perf_counter() - start)
+  return times[0], times[1]
+
+
+def run(quick: bool, accelerator: bool = False) -> list[tuple[str, str, str, str]]:
+  """(benchmark, ours, reference, ratio) rows; `accelerator`: see --gpu."""
   from benchmarks import bench_generate  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_hashgrid  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_unet  # pylint: disable=g-import-not-at-top
   table = []
-  for row in bench_unet.run(quick):
-    table.append((f"UNet {row['name'].removeprefix('unet_').replace('_', '+')} "
-                  f"(IF-style, batch {row['batch']}, {row['size']}x{row['size']})",
-                  f"{1000 * row['jax_s']:.0f} ms", f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms",
-                  f"{row['speedup']:.2f}x"))
+  for row in bench_unet.run(quick, accelerator=accelerator):
+    name = (f"UNet {row['name'].removeprefix('unet_').replace('_', '+').replace('+bf', ' bf')} "
+            f"(IF-style, batch {row['batch']}, {row['size']}x{row['size']})")
+    if "speedup_vs_float32" in row:
+      table.append((name, f"{1000 * row['jax_s']:.1f} ms",
+                    f"float32 JAX {1000 * row['float32_s']:.1f} ms",
+                    f"{row['speedup_vs_float32']:.2f}x"))
+    elif row["torch_s"] is None:
+      table.append((name, f"{1000 * row['jax_s']:.1f} ms", "PyTorch without CUDA: not run", ""))
+    else:
+      table.append((name, f"{1000 * row['jax_s']:.0f} ms",
+                    f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms", f"{row['speedup']:.2f}x"))
   hashgrid_rows = bench_hashgrid.run(quick)
   by_pass = {}
   for row in hashgrid_rows:
@@ -158,6 +235,14 @@ def run(quick: bool) -> list[tuple[str, str, str, str]]:
     table.append(("generation: prompt -> params -> one 64x64 render (median)",
                   f"{latency['total_ms_median']:.1f} ms",
                   f"mesh 64^3 {latency['mesh_ms_median']:.0f} ms", ""))
+    if not quick:
+      cold, warm = cli_startup_seconds()
+      table.append(("`python -m att3d_jax.generate --prompt=...` wall time, warm "
+                    "compilation cache", f"{warm:.1f} s", f"cold cache {cold:.1f} s",
+                    f"{cold / warm:.2f}x"))
+  row = frames_to_iou_row()
+  if row is not None:
+    table.append(row)
   return table
 
 
@@ -177,14 +262,26 @@ def to_markdown(table, info: str, command: str) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="CI sizes")
+  parser.add_argument("--gpu", action="store_true",
+                      help="accelerator sizes on the default GPU/TPU; docs/benchmarks_gpu.md")
   parser.add_argument("--out", default=None,
                       help="markdown file (default: docs/benchmarks.md, none with --quick)")
   args = parser.parse_args()
-  table = run(args.quick)
-  markdown = to_markdown(table, machine_info(),
-                         "python -m benchmarks.run_all" + (" --quick" if args.quick else ""))
+  if args.gpu and jax.default_backend() not in ("gpu", "tpu"):
+    sys.exit(f"--gpu: JAX sees no GPU or TPU (backend {jax.default_backend()!r}, devices "
+             f"{jax.devices()}); install jax with CUDA (or TPU) support on a machine with one")
+  if args.gpu and args.quick:
+    sys.exit("--gpu and --quick are exclusive")
+  table = run(args.quick, accelerator=args.gpu)
+  command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "") + (
+      " --gpu" if args.gpu else "")
+  info = machine_info()
+  if args.gpu:
+    info += f", {jax.devices()[0].device_kind}"
+  markdown = to_markdown(table, info, command)
   print(markdown)
-  out = args.out or (None if args.quick else os.path.join("docs", "benchmarks.md"))
+  default_out = os.path.join("docs", "benchmarks_gpu.md" if args.gpu else "benchmarks.md")
+  out = args.out or (None if args.quick else default_out)
   if out:
     with open(out, "w") as f:
       f.write(markdown)

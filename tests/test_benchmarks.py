@@ -1,8 +1,14 @@
 """The benchmark suite's quick mode runs and yields a complete table."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from benchmarks import run_all
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow  # ~3-6 minutes: PyTorch and JAX UNets, hash grids, the train step
@@ -17,3 +23,32 @@ def test_run_all_quick_table():
   assert any("FLOP/s" in name for name in names)
   markdown = run_all.to_markdown(table, run_all.machine_info(), "cmd")
   assert markdown.count("\n|") == len(table) + 2
+
+
+def test_frames_to_reach_interpolates_the_first_crossing():
+  curve = [(0.0, 0.5), (10.0, 0.7), (20.0, 0.9), (30.0, 0.6), (40.0, 0.95)]
+  assert run_all.frames_to_reach(curve, 0.8) == pytest.approx(15.0)
+  assert run_all.frames_to_reach(curve, 0.5) == 0.0
+  assert run_all.frames_to_reach(curve, 0.99) is None
+
+
+def test_frames_to_iou_row_reads_both_curves(tmp_path):
+  path = tmp_path / "curves.csv"
+  path.write_text("mapping,split,step,frames_per_prompt,iou\n"
+                  "hypernet,train,0,0,0.5\nhypernet,train,1,50,0.8\n"
+                  "hypernet,heldout,1,50,0.1\n"
+                  "per_prompt,train,0,0,0.5\nper_prompt,train,1,100,0.7\n"
+                  "per_prompt,train,2,200,0.9\n")
+  name, ours, reference, ratio = run_all.frames_to_iou_row(str(path), target=0.8)
+  assert "0.8" in name
+  assert ours == "50 frames/prompt" and reference == "per-prompt 150 frames/prompt"
+  assert ratio == "3.00x fewer frames"
+  assert run_all.frames_to_iou_row(str(tmp_path / "missing.csv")) is None
+
+
+def test_gpu_mode_refuses_without_an_accelerator():
+  result = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--gpu"],
+                          capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode != 0
+  assert "--gpu: JAX sees no GPU or TPU" in result.stderr

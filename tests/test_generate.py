@@ -1,6 +1,9 @@
 """Instant generation from a trained (here: tiny, 2-step) ATT3D model."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +12,8 @@ import pytest
 from att3d_jax import generate
 from att3d_jax import train
 from configs import shapes as shapes_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +75,18 @@ def test_interpolation_writes_video_and_strip(trained_dir, tmp_path):
   strip = generate.interpolate(generator, "a red cube", "a blue torus", tmp_path, num_frames=4)
   assert strip.is_file()
   assert (tmp_path / "a_red_cube_to_a_blue_torus.mp4").is_file()
+
+
+def test_compilation_cache_is_written_and_off_when_empty(tmp_path):
+  """A jitted program lands in the cache folder; "" leaves JAX's settings alone."""
+  script = (
+      "import jax, jax.numpy as jnp, sys\n"
+      "from att3d_jax import compilation_cache\n"
+      "compilation_cache.enable('', 0.0)\n"
+      "assert jax.config.jax_compilation_cache_dir is None\n"
+      "compilation_cache.enable(sys.argv[1], 0.0)\n"
+      "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n")
+  cache = tmp_path / "cache"
+  subprocess.run([sys.executable, "-c", script, str(cache)], check=True, cwd=REPO,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert any(cache.iterdir())
