@@ -167,9 +167,10 @@ def _ms(start: float) -> float:
   return round(1000.0 * (time.perf_counter() - start), 2)
 
 
-def generate_prompt(generator: Generator, prompt: str, out_dir: pathlib.Path,
+def generate_prompt(generator: Generator, prompt: str, out_dir: str | os.PathLike,
                     num_frames: int = 36, mesh_resolution: int = 64) -> dict:
   """Writes <name>.gif/.mp4/.png/.obj/.glb; returns per-stage latency in ms."""
+  out_dir = pathlib.Path(out_dir)
   name = prompt.strip().replace(" ", "_").replace("/", "_")
   timings = {"prompt": prompt, "kind": describe_prompt(generator.trained, prompt)}
   start = time.perf_counter()
@@ -197,9 +198,10 @@ def generate_prompt(generator: Generator, prompt: str, out_dir: pathlib.Path,
   return timings
 
 
-def interpolate(generator: Generator, prompt_a: str, prompt_b: str, out_dir: pathlib.Path,
-                num_frames: int = 30) -> pathlib.Path:
+def interpolate(generator: Generator, prompt_a: str, prompt_b: str,
+                out_dir: str | os.PathLike, num_frames: int = 30) -> pathlib.Path:
   """Video of the objects along (1 - a) c_A + a c_B, turning while they change."""
+  out_dir = pathlib.Path(out_dir)
   weights = np.linspace(0.0, 1.0, num_frames)
   frames = []
   for index, weight in enumerate(weights):

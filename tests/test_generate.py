@@ -64,15 +64,17 @@ def test_prompt_kinds(trained_dir):
 
 def test_out_of_grammar_prompt_still_generates(trained_dir, tmp_path):
   generator = generate.Generator(generate.load_trained(str(trained_dir)), image_size=16)
-  timings = generate.generate_prompt(generator, "a flying banana", tmp_path, num_frames=2,
-                                     mesh_resolution=16)
+  timings = generate.generate_prompt(generator, "a flying banana", str(tmp_path),
+                                     num_frames=2, mesh_resolution=16)
   assert timings["kind"] == "out of distribution"
   assert (tmp_path / "a_flying_banana.gif").is_file()
 
 
 def test_interpolation_writes_video_and_strip(trained_dir, tmp_path):
   generator = generate.Generator(generate.load_trained(str(trained_dir)), image_size=16)
-  strip = generate.interpolate(generator, "a red cube", "a blue torus", tmp_path, num_frames=4)
+  # A str folder, as the notebook passes it (tempfile.mkdtemp()).
+  strip = generate.interpolate(generator, "a red cube", "a blue torus", str(tmp_path),
+                               num_frames=4)
   assert strip.is_file()
   assert (tmp_path / "a_red_cube_to_a_blue_torus.mp4").is_file()
 

@@ -4,7 +4,6 @@ import os
 
 import nbclient
 import nbformat
-import pytest
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "notebooks", "att3d_colab.ipynb")
@@ -17,7 +16,6 @@ def test_notebook_is_committed_without_outputs():
       assert not cell.outputs and cell.execution_count is None
 
 
-@pytest.mark.slow
 def test_notebook_executes_on_cpu(tmp_path):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
