@@ -149,9 +149,10 @@ class ATT3DModel:
                    resolution: int) -> mesh_lib.Mesh:
     """The field's surface at `surface_density`, clipped to the rendered ball,
     largest component only (raises ValueError for an empty field)."""
-    field = self.field_fn(mlp_params, tables, conditioning)
+    # Params are arguments, not closure constants: one compile serves every prompt.
     return mesh_lib.extract_mesh(
-        jax.jit(lambda p: field(p)["density"]), jax.jit(lambda p: field(p)["albedo"]),
+        lambda p: _field_output(self, "density", mlp_params, tables, conditioning, p),
+        lambda p: _field_output(self, "albedo", mlp_params, tables, conditioning, p),
         resolution=resolution, scene_radius=self.scene_radius,
         threshold=self.surface_density(), clip_to_sphere=True, keep_largest_component=True)
 
@@ -166,3 +167,10 @@ class ATT3DModel:
         self.field_fn(mlp_params, tables, conditioning), rays, key,
         num_samples=self.num_samples, scene_radius=self.scene_radius,
         background_fn=background_fn, shading="albedo", num_importance=self.num_importance)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _field_output(model: ATT3DModel, name: str, mlp_params, tables: jax.Array,
+                  conditioning: Optional[jax.Array], points: jax.Array) -> jax.Array:
+  """One output of the field at points [N, 3]; jitted once per model and shapes."""
+  return model.field_fn(mlp_params, tables, conditioning)(points)[name]
