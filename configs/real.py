@@ -37,6 +37,8 @@ def get_real_config(prompt_set: str, arg: str | None) -> ml_collections.ConfigDi
   config.guidance.scale = 70.0
   config.guidance.amortize_scale = False  # sample the weight per row, feed it to the mapping
   config.guidance.scale_range = (20.0, 100.0)  # ... uniformly from this range
+  # The weight's share of the mapping input's norm, relative to the text's (amortize/model.py).
+  config.guidance.scale_input_share = 0.5
   config.guidance.t_range = (0.02, 0.98)  # SDS timesteps, fractions of the schedule (reimpl.)
   config.guidance.t_max_final = 0.98  # = t_range[1]: no annealing (reimpl.)
   config.guidance.weighting = "sds"  # w(t) = 1 - alpha_bar

@@ -31,6 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.guidance.scale = 5.0  # classifier-free guidance weight
   config.guidance.amortize_scale = False  # sample the weight per row, feed it to the mapping
   config.guidance.scale_range = (2.0, 10.0)  # ... uniformly from this range
+  # The weight's share of the mapping input's norm, relative to the text's (amortize/model.py).
+  config.guidance.scale_input_share = 0.5
   config.guidance.t_range = (0.02, 0.98)  # SDS timesteps, fractions of the schedule
   config.guidance.t_max_final = 0.5  # t_max anneals linearly to this over training
   config.guidance.weighting = "sds"  # w(t) = 1 - alpha_bar

@@ -121,6 +121,24 @@ def test_guidance_weight_column_spans_its_range():
                              (batch["guidance_scale"] - low) / (high - low), rtol=1e-6)
 
 
+def test_guidance_weight_input_carries_a_share_of_the_text_norm():
+  """The CFG column reaches the hypernet centered, at unit variance over the
+  training range, times scale_input_share * sqrt(D): the text block's norm."""
+  config = quick_config(guidance__amortize_scale=True)
+  _, tables, model, state, _, _ = setup(config)
+  low, high = config.guidance.scale_range
+  inputs = train.mapping_inputs(config, tables.embedding[:1].repeat(3, 0),
+                                np.array([low, (low + high) / 2, high], np.float32))
+  standardized = np.asarray(model.standardize_inputs(state["params"], jnp.asarray(inputs)))
+  gain = config.guidance.scale_input_share * np.sqrt(TEXT_WIDTH)
+  np.testing.assert_allclose(standardized[:, -1], np.sqrt(3.0) * gain * np.array([-1, 0, 1]),
+                             rtol=1e-5, atol=1e-5)
+  text = np.asarray(model.standardize_inputs(state["params"], jnp.asarray(
+      train.mapping_inputs(config, tables.embedding, None))))[:, :-1]
+  rms_norm = np.sqrt(np.mean(np.sum(text**2, axis=1)))  # ~ sqrt(D) after text_norm
+  np.testing.assert_allclose(rms_norm, np.sqrt(TEXT_WIDTH), rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["hypernet", "concat", "per_prompt"])
 def test_twenty_steps_pull_renders_toward_the_oracle_image(kind):
   """The whole step (mapping -> render -> SDS -> Adam) learns: after 20 steps
