@@ -28,6 +28,9 @@ about 33 min, so about 1 h 40 min for the three splits, never much above
 the shared 2-core CPU (load ~5, about 0.6 core for this job): an evaluation
 of 464 prompts x 2 views x 24 samples took 75 s (47 s of it GT renders), the
 text tables of 650 prompts 46 s; an idle machine is estimated 2-3x faster.
+Measured (2026-11-26, docs/results/): --num_steps=600 --curve_every=300
+--budget_min=0 took 67 min for the three splits (28, 19 and 11 min of training
+as the other experiments sharing the CPU finished).
 --quick: 3 steps per split, curve_every=2, 2 views; 3 evaluations of 464
 prompts per split: measured 12 min at that load (estimated ~5 min idle).
 """

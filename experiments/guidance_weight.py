@@ -17,11 +17,12 @@ guidance_weight.png (GT metrics against the weight), guidance_weight_strip.png
 (rows: two seen and two unseen prompts, columns: weights), config.json and
 the training workdir model/.
 
-Cost of the full mode (estimated, not measured: 2-core CPU, about 1 step/s
-for the shapes config's 8 prompts x 2 views): one run of configs/shapes.py
-(2000 steps, capped at its train.time_budget_s of 26 min) with its final
-evaluation, then one GT evaluation of 64 prompts x 16 views per weight
-(~1-2 min each): about 35 min for 3 weights. --quick (4 steps, 2 views)
+Cost of the full mode: one run of configs/shapes.py (2000 steps, capped at its
+train.time_budget_s of 25 min) with its final evaluation, then one GT
+evaluation of 64 prompts x 16 views per weight (~1-2 min each): about 35 min
+for 3 weights. Measured (2026-11-26, docs/results/): with
+--config.train.num_steps=800 --config.train.time_budget_s=0, 26 min in all on
+the 2-core CPU shared with two other experiments. --quick (4 steps, 2 views)
 measured 2 min on the shared 2-core CPU at load ~5.
 """
 

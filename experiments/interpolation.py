@@ -25,12 +25,13 @@ interpolation.png (the metrics per pair and model), interpolation_strips.png
 (rows: pair x model, columns: weights), config.json and one training workdir
 per model (none/, embedding/ or loss/).
 
-Cost of the full mode (estimated, not measured: 2-core CPU, about 1 step/s
-for the shapes config's 8 prompts x 2 views): two runs of configs/shapes.py
-(2000 steps, capped at its train.time_budget_s of 26 min each; `loss` renders
-once but runs the UNet on both prompts, so it is slower per step and stops at
-the cap) plus a final GT evaluation of 64 prompts x 16 views (~1-2 min) and
-start-up each, then seconds for the paths: about 1 h in all. --quick (4 steps
+Cost of the full mode: two runs of configs/shapes.py (2000 steps, capped at
+its train.time_budget_s of 25 min each; `loss` renders once but runs the UNet
+on both prompts, so it is slower per step and stops at the cap) plus a final GT
+evaluation of 64 prompts x 16 views and start-up each, then seconds for the
+paths: about 1 h in all. Measured (2026-11-26, docs/results/): with
+--config.train.num_steps=700 --config.train.time_budget_s=0, 24 min per model
+on the 2-core CPU shared with two other experiments (~1.9 s per step). --quick (4 steps
 per model, 2 views) measured 3 min on the shared 2-core CPU at load ~5.
 """
 
