@@ -21,6 +21,27 @@ import sys
 import time
 
 
+def build_step(config):
+  """(guidance, tables, model, state, mesh, jitted step, optimizer) of `config`, with
+  the att3d_jax found on sys.path; works with the first version's API too."""
+  from att3d_jax import train  # pylint: disable=g-import-not-at-top
+  from att3d_jax.amortize import model as model_lib  # pylint: disable=g-import-not-at-top
+  guidance = train.load_guidance(config)
+  tables = train.prompt_tables(guidance, train.load_prompts(config).train)
+  model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(tables.prompts),
+                                           embedding_dim=tables.embedding.shape[1])
+  state, optimizer = train.init_state(config, model, tables.embedding)
+  mesh = train.make_mesh(config)
+  step_fn = train.make_train_step(config, model, guidance, optimizer)
+  if hasattr(train, "place_state"):
+    state = train.place_state(state, mesh)
+    step_fn = train.jit_train_step(step_fn, mesh, state)
+  else:  # the first version (e397c91): replicated state, no shardings argument
+    state = train.replicate(state, mesh)
+    step_fn = train.jit_train_step(step_fn, mesh)
+  return guidance, tables, model, state, mesh, step_fn, optimizer
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repo", default=".", help="checkout whose att3d_jax is timed")
@@ -35,24 +56,11 @@ def main():
 
   import jax  # pylint: disable=g-import-not-at-top
   from att3d_jax import train  # pylint: disable=g-import-not-at-top
-  from att3d_jax.amortize import model as model_lib  # pylint: disable=g-import-not-at-top
   from configs import shapes  # pylint: disable=g-import-not-at-top
 
   config = shapes.get_config(None)
   config.guidance.path = guidance_path
-  guidance = train.load_guidance(config)
-  tables = train.prompt_tables(guidance, train.load_prompts(config).train)
-  model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(tables.prompts),
-                                           embedding_dim=tables.embedding.shape[1])
-  state, optimizer = train.init_state(config, model, tables.embedding)
-  mesh = train.make_mesh(config)
-  step_fn = train.make_train_step(config, model, guidance, optimizer)
-  if hasattr(train, "place_state"):
-    state = train.place_state(state, mesh)
-    step_fn = train.jit_train_step(step_fn, mesh, state)
-  else:  # the first version (e397c91): replicated state, no shardings argument
-    state = train.replicate(state, mesh)
-    step_fn = train.jit_train_step(step_fn, mesh)
+  _, tables, _, state, mesh, step_fn, _ = build_step(config)
   key = jax.random.key(0)
   batches = [jax.device_put(train.sample_batch(config, tables, i), train.data_sharding(mesh))
              for i in range(args.steps + 1)]

@@ -30,9 +30,9 @@ docs/benchmarks_gpu.md; it refuses to run without an accelerator.
 """
 
 import argparse
+import csv
 import datetime
 import os
-import csv
 import platform
 import statistics
 import subprocess
@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import optax
 
 from att3d_jax import train
-from att3d_jax.amortize import model as model_lib
 from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
+from benchmarks import bench_train_step
 from configs import shapes as shapes_config
 
 
@@ -73,15 +73,7 @@ def matmul_peak(quick: bool) -> float:
 def train_step_profile(quick: bool) -> dict:
   """Frames/s of the shapes train step, its parts, and its FLOP/s."""
   config = shapes_config.get_config("quick" if quick else None)
-  guidance = train.load_guidance(config)
-  tables = train.prompt_tables(guidance, train.load_prompts(config).train)
-  model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(tables.prompts),
-                                           embedding_dim=tables.embedding.shape[1])
-  state, optimizer = train.init_state(config, model, tables.embedding)
-  mesh = train.make_mesh(config)
-  state = train.place_state(state, mesh)
-  step_fn = train.jit_train_step(train.make_train_step(config, model, guidance, optimizer),
-                                 mesh, state)
+  guidance, tables, model, state, mesh, step_fn, optimizer = bench_train_step.build_step(config)
   batch = jax.device_put(train.sample_batch(config, tables, 0), train.data_sharding(mesh))
   key = jax.random.key(0)
   compiled = step_fn.lower(state, batch, key).compile()
