@@ -442,6 +442,14 @@ def make_render_prompts(model: model_lib.ATT3DModel, background_color, height: i
   return render_prompts
 
 
+def _eval_rows(num_prompts: int, limit: int) -> np.ndarray:
+  """Sorted rows of the prompts to evaluate: all, or a fixed random subset of
+  `limit` (> 0) rows, the same in every evaluation, so large sets stay cheap."""
+  if not limit or num_prompts <= limit:
+    return np.arange(num_prompts)
+  return np.sort(np.random.default_rng(0).choice(num_prompts, limit, replace=False))
+
+
 def evaluate(config, model, guidance, params, stats, train_tables: PromptTables,
              heldout_tables: Optional[PromptTables], frames: float) -> dict:
   """eval.json: metrics of train and held-out prompts over the fixed views:
@@ -453,16 +461,11 @@ def evaluate(config, model, guidance, params, stats, train_tables: PromptTables,
   height, width = config.camera.height, config.camera.width
   render = make_render_prompts(model, guidance.background_color, height, width)
   results = {"frames_per_prompt": frames, "per_prompt": []}
-  num_train = len(train_tables.prompts)
-  # A deterministic subset of large training sets keeps evaluation cheap.
-  train_rows = np.arange(num_train)
-  if config.eval.max_train_prompts and num_train > config.eval.max_train_prompts:
-    train_rows = np.random.default_rng(0).choice(num_train, config.eval.max_train_prompts,
-                                                 replace=False)
-    train_rows.sort()
-  splits = [("train", train_tables, train_rows)]
+  splits = [("train", train_tables,
+             _eval_rows(len(train_tables.prompts), config.eval.max_train_prompts))]
   if heldout_tables is not None and config.mapping.kind != "per_prompt":
-    splits.append(("heldout", heldout_tables, np.arange(len(heldout_tables.prompts))))
+    splits.append(("heldout", heldout_tables, _eval_rows(
+        len(heldout_tables.prompts), config.eval.get("max_heldout_prompts", 0))))
   # Render every split, then score all prompts together: R-precision picks
   # among all evaluated prompts (train and held-out), as CLIP R-precision
   # picks among the whole prompt set.

@@ -79,6 +79,7 @@ def get_real_config(prompt_set: str, arg: str | None) -> ml_collections.ConfigDi
   config.eval.distance = 1.75  # the middle of camera.distance_range
   config.eval.fov_y_deg = 55.0  # the middle of camera.fov_y_range_deg
   config.eval.max_train_prompts = 64  # evaluate at most this many training prompts
+  config.eval.max_heldout_prompts = 0  # ... and held-out prompts (0 = all)
   config.eval.num_train_outputs = 8  # turntables and meshes of the first training prompts
 
   if quick:  # a smoke test: tiny grid, 2 steps, the smallest split

@@ -99,6 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.fov_y_deg = 45.0
   config.eval.curve_every = 0  # > 0: GT metrics every N steps (and at step 0) into eval_curve.jsonl
   config.eval.max_train_prompts = 64  # evaluate at most this many training prompts
+  config.eval.max_heldout_prompts = 0  # ... and held-out prompts (0 = all)
   config.eval.write_outputs = True  # turntables and meshes
   config.eval.num_train_outputs = 8  # of the training prompts (all held-out ones)
   config.eval.turntable_frames = 24

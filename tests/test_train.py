@@ -312,3 +312,11 @@ def test_workdir_of_another_config_is_refused(tiny_shapes_model, tmp_path):
   with pytest.raises(ValueError, match="mapping"):
     train.train_and_evaluate(other, str(tmp_path))
   assert json.loads((tmp_path / "config.json").read_text())["mapping"]["kind"] == "hypernet"
+
+
+def test_eval_rows_are_all_or_the_same_fixed_subset():
+  np.testing.assert_array_equal(train._eval_rows(5, 0), np.arange(5))
+  np.testing.assert_array_equal(train._eval_rows(5, 8), np.arange(5))
+  rows = train._eval_rows(400, 32)
+  assert len(rows) == 32 and np.all(np.diff(rows) > 0) and rows.max() < 400
+  np.testing.assert_array_equal(rows, train._eval_rows(400, 32))  # every evaluation
