@@ -1,8 +1,8 @@
 """The persistent XLA compilation cache of the command-line tools.
 
 A second `python -m att3d_jax.generate` (or a resumed training run) reads its
-compiled programs from disk instead of compiling them again; see
-benchmarks/bench_generate.py for the measured start-up saving. Programs that
+compiled programs from disk instead of compiling them again; the CLI row of
+`python -m benchmarks.run_all` (docs/benchmarks.md) measures the saving. Programs that
 compile in under `min_compile_seconds` are not worth a disk entry.
 """
 

@@ -465,7 +465,7 @@ def evaluate(config, model, guidance, params, stats, train_tables: PromptTables,
              _eval_rows(len(train_tables.prompts), config.eval.max_train_prompts))]
   if heldout_tables is not None and config.mapping.kind != "per_prompt":
     splits.append(("heldout", heldout_tables, _eval_rows(
-        len(heldout_tables.prompts), config.eval.get("max_heldout_prompts", 0))))
+        len(heldout_tables.prompts), config.eval.max_heldout_prompts)))
   # Render every split, then score all prompts together: R-precision picks
   # among all evaluated prompts (train and held-out), as CLIP R-precision
   # picks among the whole prompt set.
