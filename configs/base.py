@@ -44,6 +44,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.render.scene_radius = 1.0  # rays are sampled inside this sphere
   config.render.num_samples = 64  # stratified samples per ray
   config.render.num_importance = 0  # extra samples by importance resampling
+  # > 0: empty-space skipping: a gradient-free pass of this many samples per ray
+  # places the num_samples rendered ones where the ray meets the surface.
+  config.render.num_proposal = 0
   config.render.shading = "albedo"  # "albedo" | "lambertian" | "textureless"
   config.render.ambient = 0.3  # ambient light share for lambertian shading
   config.render.background = "solid"  # "solid" | "random" | "mlp"

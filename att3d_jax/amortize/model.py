@@ -66,6 +66,12 @@ def text_normalization(embeddings: jax.Array) -> dict:
   return {"mean": mean, "scale": 1.0 / jnp.maximum(deviation, 1e-3)}
 
 
+# Exported meshes' shell, in scene radii: four bins of the 48 evenly spaced
+# samples per diameter the level was tuned with (independent of how a config
+# places its samples).
+MESH_SHELL_THICKNESS = 4.0 * 2.0 / 48
+
+
 @dataclasses.dataclass(frozen=True)
 class ATT3DModel:
   """Static structure of an amortized text-to-3D model; hashable (jit-static)."""
@@ -81,6 +87,7 @@ class ATT3DModel:
   bias_radius: float
   num_samples: int
   num_importance: int
+  num_proposal: int  # > 0: empty-space skipping (render.proposal_edges)
   extra_input_gain: float  # multiplies the standardized extra columns (the CFG weight)
 
   @classmethod
@@ -105,6 +112,7 @@ class ATT3DModel:
                bias_scale=config.field.bias_scale, bias_radius=config.field.bias_radius,
                num_samples=config.render.num_samples,
                num_importance=config.render.num_importance,
+               num_proposal=config.render.get("num_proposal", 0),
                extra_input_gain=config.guidance.get("scale_input_share", 0.5)
                * math.sqrt(embedding_dim))
 
@@ -156,12 +164,11 @@ class ATT3DModel:
         conditioning=conditioning, compute_normals=compute_normals)
 
   def surface_density(self) -> float:
-    """Density level of exported meshes: where a shell four render samples
-    thick is half opaque. SDS-trained fields are soft (peak densities ~10-15
-    at 48 samples), so the level where a single sample is half opaque lies
-    above most objects' peak and finds no surface."""
-    sample_step = 2.0 * self.scene_radius / self.num_samples
-    return mesh_lib.density_for_alpha(0.5, 4.0 * sample_step)
+    """Density level of exported meshes: where a shell of thickness
+    `MESH_SHELL_THICKNESS * scene_radius` is half opaque. SDS-trained fields
+    are soft (peak densities ~10-15), so the level where a single render sample
+    is half opaque lies above most objects' peak and finds no surface."""
+    return mesh_lib.density_for_alpha(0.5, MESH_SHELL_THICKNESS * self.scene_radius)
 
   def extract_mesh(self, mlp_params, tables: jax.Array, conditioning: Optional[jax.Array],
                    resolution: int) -> mesh_lib.Mesh:
@@ -184,7 +191,8 @@ class ATT3DModel:
     return lambda rays: render_lib.render_rays(
         self.field_fn(mlp_params, tables, conditioning), rays, key,
         num_samples=self.num_samples, scene_radius=self.scene_radius,
-        background_fn=background_fn, shading="albedo", num_importance=self.num_importance)
+        background_fn=background_fn, shading="albedo", num_importance=self.num_importance,
+        num_proposal=self.num_proposal)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

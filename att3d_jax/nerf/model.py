@@ -58,7 +58,8 @@ def render_fn(params: dict, spec: hashgrid.HashGridSpec, mlp: field_lib.FieldMLP
       field_fn(params, spec, mlp, config), rays, key,
       num_samples=config.render.num_samples, scene_radius=config.render.scene_radius,
       background_fn=background_fn, shading="albedo",
-      num_importance=config.render.num_importance)
+      num_importance=config.render.num_importance,
+      num_proposal=config.render.get("num_proposal", 0))
 
 
 def init_params(key: jax.Array, spec: hashgrid.HashGridSpec,

@@ -301,10 +301,46 @@ def _evaluate_field(field_fn: FieldFn, rays: Rays, t_edges: jax.Array):
   return points, t_mids, outputs
 
 
+def dilate_weights(weights: jax.Array) -> jax.Array:
+  """`[num_rays, num_bins]` -> each bin's maximum over itself and its two
+  neighbours: a conservative envelope, so bins next to a surface the coarse
+  samples straddled still get fine samples."""
+  padded = jnp.pad(weights, ((0, 0), (1, 1)))
+  return jnp.maximum(jnp.maximum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
+
+
+def proposal_edges(field_fn: FieldFn, rays: Rays, near: jax.Array, far: jax.Array,
+                   proposal_key: Optional[jax.Array], placement_key: Optional[jax.Array],
+                   *, num_proposal: int, num_samples: int,
+                   uniform_share: float) -> jax.Array:
+  """Bin edges `[num_rays, num_samples + 1]` on [near, far] concentrated where a
+  ray's light is absorbed (empty-space skipping without an occupancy grid).
+
+  The field's density at `num_proposal` stratified samples gives per-bin
+  weights (no gradient flows through this pass: it only decides where to
+  sample). The new edges are quantiles of the dilated weights
+  (`dilate_weights`) mixed with a uniform density of share `uniform_share`, so
+  every ray keeps some samples everywhere; edges always span [near, far], so
+  the quadrature of `compute_alpha_weights` stays exact for constant density.
+  """
+  if not 0.0 < uniform_share <= 1.0:
+    raise ValueError(f"proposal uniform_share must be in (0, 1], got {uniform_share}")
+  coarse_edges = stratified_samples(proposal_key, near, far, num_proposal)
+  _, _, coarse = _evaluate_field(field_fn, rays, coarse_edges)
+  coarse_weights, _ = compute_alpha_weights(jax.lax.stop_gradient(coarse["density"]),
+                                            coarse_edges, rays.directions)
+  envelope = dilate_weights(coarse_weights)
+  envelope = envelope / jnp.maximum(jnp.sum(envelope, axis=-1, keepdims=True),
+                                    jnp.finfo(envelope.dtype).tiny)
+  mass = (1.0 - uniform_share) * envelope + uniform_share / num_proposal
+  return resample(placement_key, coarse_edges, mass, num_samples)
+
+
 def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
                 num_samples: int, scene_radius: float, background_fn: BackgroundFn,
                 shading: str = "albedo", light_position: Optional[jax.Array] = None,
                 ambient: float = 0.1, diffuse: float = 0.9, num_importance: int = 0,
+                num_proposal: int = 0, proposal_uniform_share: float = 0.1,
                 normalize_depth: bool = False) -> dict[str, jax.Array]:
   """Renders rays through a field inside the scene sphere over a background.
 
@@ -327,6 +363,13 @@ def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
     num_importance: if > 0, a second pass evaluates the same field at the
       union of the stratified bins and `num_importance` bins resampled from
       the first pass's weights (hierarchical sampling, NeRF sec. 5.2).
+    num_proposal: if > 0, empty-space skipping: a gradient-free pass of
+      `num_proposal` stratified samples locates the visible surface
+      (`proposal_edges`), and the `num_samples` bins that are rendered (and
+      differentiated) are placed there instead of evenly along the ray.
+      Exclusive with num_importance.
+    proposal_uniform_share: share of the proposal-placed bins spread evenly
+      over the ray, so that density can still grow in empty space.
     normalize_depth: see `composite`.
 
   Returns:
@@ -347,8 +390,18 @@ def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
   if key is not None:
     stratified_key, importance_key = jax.random.split(key)
 
+  if num_importance > 0 and num_proposal > 0:
+    raise ValueError(f"num_importance={num_importance} and num_proposal={num_proposal}: "
+                     "choose one way of placing samples")
   near, far = intersect_sphere(rays, scene_radius)
-  t_edges = stratified_samples(stratified_key, near, far, num_samples)
+  if num_proposal > 0:
+    proposal_key, placement_key = jax.random.split(stratified_key) if key is not None else (
+        None, None)
+    t_edges = proposal_edges(field_fn, rays, near, far, proposal_key, placement_key,
+                             num_proposal=num_proposal, num_samples=num_samples,
+                             uniform_share=proposal_uniform_share)
+  else:
+    t_edges = stratified_samples(stratified_key, near, far, num_samples)
   if num_importance > 0:
     _, _, coarse = _evaluate_field(field_fn, rays, t_edges)
     coarse_weights, _ = compute_alpha_weights(coarse["density"], t_edges,
