@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from att3d_jax import compilation_cache
 from att3d_jax import train
+from att3d_jax import xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
@@ -38,6 +39,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  xla_cpu.split_host(_CONFIG.value.train.cpu_devices)  # before the first computation
   compilation_cache.enable(_COMPILATION_CACHE.value)
   if _CONFIG.value.train.distributed:  # before anything touches a device
     train.initialize_distributed()

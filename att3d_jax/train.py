@@ -694,6 +694,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writes = jax.process_index() == 0  # logs, samples, eval.json, outputs
   if writes:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} "
+          f"device(s)", flush=True)
   train_step = jit_train_step(make_train_step(config, model, guidance, optimizer), mesh,
                               state)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)

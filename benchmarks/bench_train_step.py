@@ -60,6 +60,9 @@ def main():
 
   config = shapes.get_config(None)
   config.guidance.path = guidance_path
+  if "cpu_devices" in config.train:  # as main.py runs it (later versions than e397c91)
+    from att3d_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+    xla_cpu.split_host(config.train.cpu_devices)
   _, tables, _, state, mesh, step_fn, _ = build_step(config)
   key = jax.random.key(0)
   batches = [jax.device_put(train.sample_batch(config, tables, i), train.data_sharding(mesh))

@@ -37,7 +37,9 @@ import os
 # starts, hence before torch is imported.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
+import json
 import statistics
+import sys
 import tempfile
 import time
 
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from att3d_jax import xla_cpu
 from att3d_jax.guidance import load_unet
 
 CONFIG = dict(
@@ -177,9 +180,17 @@ def main():
   parser.add_argument('--quick', action='store_true', help='batch 1 at 32x32, 3 repeats')
   parser.add_argument('--threads', type=int, choices=(1,), default=None,
                       help='1: single-threaded JAX and PyTorch (default: all cores)')
+  parser.add_argument('--eigen', action='store_true',
+                      help='XLA:CPU convolutions on Eigen, not YNNPACK (att3d_jax/xla_cpu.py)')
+  parser.add_argument('--json', action='store_true', help='print the rows as one JSON line')
   args = parser.parse_args()
   if args.threads == 1:  # Read by XLA when JAX first runs something, i.e. below.
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_XLA_FLAGS}"
+  if args.eigen and not xla_cpu.use_eigen_convolutions():
+    sys.exit('--eigen: XLA_FLAGS already sets the flag, or this jaxlib was not measured')
+  if args.json:
+    print(json.dumps(run(args.quick, args.threads)))
+    return
   print(f'jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, '
         f"diffusers {diffusers.__version__}, {os.cpu_count()} cores, OMP_WAIT_POLICY="
         f"{os.environ['OMP_WAIT_POLICY']}, load average {os.getloadavg()[0]:.1f}")

@@ -5,13 +5,16 @@
 
 Rows, each a ratio measured side by side in this run:
   - UNet forward and forward+backward, our Flax port vs diffusers PyTorch
-    (benchmarks/bench_unet.py);
+    (benchmarks/bench_unet.py), with XLA:CPU's default convolutions and, in a
+    subprocess, with Eigen ones (att3d_jax/xla_cpu.py);
   - hash-grid encode forward and backward vs the jnp reference
     (benchmarks/bench_hashgrid.py);
   - the amortized train step of configs/shapes.py with the shipped shapes model:
-    rendered frames/s, the time split into its parts (mapping network, render
-    forward+backward, guidance UNet forward, optimizer) each timed as its own
-    jitted function, and achieved FLOP/s (XLA's cost analysis of the compiled
+    rendered frames/s with the CPU split into config.train.cpu_devices XLA
+    devices as main.py does, the same step on one device (a subprocess), the
+    time split into its parts (mapping network, render forward+backward,
+    guidance UNet forward, optimizer) each timed as its own jitted function on
+    one device, and achieved FLOP/s (XLA's cost analysis of the compiled
     step / its time) as a fraction of the FLOP/s of a large float32 matmul
     measured in the same run;
   - generation latency, prompt -> params -> one 64x64 render (bench_generate);
@@ -32,6 +35,7 @@ docs/benchmarks_gpu.md; it refuses to run without an accelerator.
 import argparse
 import csv
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -45,6 +49,7 @@ import jax.numpy as jnp
 import optax
 
 from att3d_jax import train
+from att3d_jax import xla_cpu
 from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
 from benchmarks import bench_train_step
@@ -167,6 +172,23 @@ def frames_to_iou_row(path: str = QUALITY_VS_COMPUTE_CSV,
           f"from {path})", show(amortized), f"per-prompt {show(per_prompt)}", ratio)
 
 
+def one_device_step_seconds() -> float:
+  """bench_train_step's median step time with the CPU as one XLA device."""
+  env = dict(os.environ, XLA_FLAGS=f"{xla_cpu.HOST_DEVICES_FLAG}=1")
+  out = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_train_step.py")],
+                       check=True, capture_output=True, text=True, env=env)
+  return json.loads(out.stdout.strip().splitlines()[-1])["step_ms"] / 1000.0
+
+
+def eigen_unet_rows(quick: bool) -> list[dict]:
+  """bench_unet's rows with `xla_cpu.use_eigen_convolutions()`, in a subprocess
+  (the flag is read once per process, when JAX starts)."""
+  command = [sys.executable, "-m", "benchmarks.bench_unet", "--eigen", "--json"]
+  out = subprocess.run(command + (["--quick"] if quick else []), check=True,
+                       capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def cli_startup_seconds() -> tuple[float, float]:
   """Wall seconds of one `python -m att3d_jax.generate` call, with an empty and then
   with the warm persistent compilation cache it filled."""
@@ -199,6 +221,13 @@ def run(quick: bool, accelerator: bool = False) -> list[tuple[str, str, str, str
     else:
       table.append((name, f"{1000 * row['jax_s']:.0f} ms",
                     f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms", f"{row['speedup']:.2f}x"))
+  if not accelerator:  # the same UNet with XLA:CPU's convolutions on Eigen, side by side
+    for row in eigen_unet_rows(quick):
+      name = row['name'].removeprefix('unet_').replace('_', '+')
+      table.append((f"UNet {name}, Eigen convolutions (`bench_unet --eigen`)",
+                    f"{1000 * row['jax_s']:.0f} ms",
+                    f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms",
+                    f"{row['speedup']:.2f}x"))
   hashgrid_rows = bench_hashgrid.run(quick)
   by_pass = {}
   for row in hashgrid_rows:
@@ -215,6 +244,12 @@ def run(quick: bool, accelerator: bool = False) -> list[tuple[str, str, str, str
                 f"({profile['rows']} prompts x {profile['views']} views, {profile['size']})",
                 f"{profile['frames_per_s']:.1f} frames/s ({1000 * profile['step_s']:.0f} ms/step)",
                 "", ""))
+  if not quick and not accelerator:
+    one_device = one_device_step_seconds()
+    table.append((f"  the same step on one host device (main.py splits the CPU into "
+                  f"{len(jax.devices())}: config.train.cpu_devices)",
+                  f"{1000 * profile['step_s']:.0f} ms/step", f"one device {1000 * one_device:.0f} ms",
+                  f"{one_device / profile['step_s']:.2f}x"))
   for part, seconds in profile["parts_s"].items():
     table.append((f"  part: {part}", f"{1000 * seconds:.0f} ms",
                   f"step {1000 * profile['step_s']:.0f} ms",
@@ -259,6 +294,8 @@ def main():
   parser.add_argument("--out", default=None,
                       help="markdown file (default: docs/benchmarks.md, none with --quick)")
   args = parser.parse_args()
+  if not args.gpu:  # the train step as main.py runs it; before JAX starts
+    xla_cpu.split_host(shapes_config.get_config().train.cpu_devices)
   if args.gpu and jax.default_backend() not in ("gpu", "tpu"):
     sys.exit(f"--gpu: JAX sees no GPU or TPU (backend {jax.default_backend()!r}, devices "
              f"{jax.devices()}); install jax with CUDA (or TPU) support on a machine with one")

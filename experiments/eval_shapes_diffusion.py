@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from att3d_jax import xla_cpu
 from att3d_jax.eval import judge as judge_lib
 from att3d_jax.guidance import schedule
 from att3d_jax.nerf import cameras as cameras_lib
@@ -220,6 +221,7 @@ def evaluate(model_dir: str, guidance_scales: Sequence[float], views: Sequence[s
 
 def main(argv):
   del argv
+  xla_cpu.use_eigen_convolutions()  # before the first computation
   scales = [float(scale) for scale in _GUIDANCE_SCALES.value]
   views, num_steps = _VIEWS.value, _NUM_STEPS.value
   views_per_shape, ceiling_cameras = judge_lib.DEFAULT_VIEWS_PER_SHAPE, CEILING_CAMERAS_PER_PROMPT

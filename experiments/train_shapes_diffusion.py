@@ -33,6 +33,7 @@ import numpy as np
 import optax
 import tqdm
 
+from att3d_jax import xla_cpu
 from att3d_jax.guidance import minilm
 from att3d_jax.guidance import schedule
 from att3d_jax.guidance import unet as unet_lib
@@ -264,6 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
 
 def main(argv):
   del argv
+  xla_cpu.use_eigen_convolutions()  # before the first computation
   print(json.dumps(train(_CONFIG.value, _WORKDIR.value, _EXPORT.value, _INIT_FROM.value),
                    indent=2))
 

@@ -17,6 +17,7 @@ def test_run_all_quick_table():
   names = [row[0] for row in table]
   assert any(name.startswith("UNet forward ") for name in names)
   assert any(name.startswith("UNet forward+backward") for name in names)
+  assert sum("Eigen convolutions" in name for name in names) == 2
   assert sum(name.startswith("hash grid") for name in names) == 3
   assert any(name.startswith("train step") for name in names)
   assert sum(name.startswith("  part:") for name in names) == 4
