@@ -92,8 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # initialize_distributed); the batch is sharded over every process's devices.
   config.train.distributed = False
   # On a CPU, split it into this many XLA devices (att3d_jax/xla_cpu.py): the
-  # batch's data mesh then keeps every core busy (2: 0.35 vs 0.43 s per step on
-  # 2 cores). Must divide batch.prompts_per_step; 1 = off. Read by main.py.
+  # batch's data mesh then keeps every core busy (2: 0.34-0.35 vs 0.43 s per step
+  # on 2 cores). Must divide batch.prompts_per_step; 1 = off. Read by main.py.
   config.train.cpu_devices = 2
   # Devices per hypernetwork shard: a 2-D mesh ("data", "model") splits the
   # output layer (and its Adam state) over "model"; 1 = data parallel only.
