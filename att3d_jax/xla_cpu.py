@@ -9,9 +9,8 @@ importing the project does not). Accelerator backends ignore them.
 runs its halves of the batch side by side: much of rendering (gathers,
 scatter-adds, elementwise fusions) runs on one thread per program, and two
 programs keep both cores busy. The default train step on the project's 2-core
-CPU (benchmarks/bench_train_step.py, XLA_FLAGS set per run, alternating): 0.34
-and 0.35 s with 2 host devices vs 0.43 s with one; run_all's side-by-side row
-gave 0.38 vs 0.41 s in a slower run.
+CPU: 300 ms with 2 host devices vs 361 ms with one (run_all's side-by-side row,
+docs/benchmarks.md).
 
 `use_eigen_convolutions()` turns off XLA:CPU's YNNPACK fusions (jaxlib 0.10's
 default for convolutions and large dots) so that they run on XLA's Eigen

@@ -1,6 +1,6 @@
 """All benchmarks in one run: one table, written to docs/benchmarks.md with machine info.
 
-    python -m benchmarks.run_all            # full sizes (~10 minutes on a 2-core CPU)
+    python -m benchmarks.run_all            # full sizes (~5 minutes on a 2-core CPU)
     python -m benchmarks.run_all --quick    # CI size, writes to --out (default: stdout only)
 
 Rows, each a ratio measured side by side in this run:
