@@ -17,8 +17,9 @@ default for convolutions and large dots) so that they run on XLA's Eigen
 kernels, which use every core. On the project's 2-core CPU that makes the
 shapes guidance UNet's forward pass, which every SDS step runs, ~1.5x faster
 (batch 32: 238 -> 154 ms) and its forward+backward, what the shapes-diffusion
-trainer runs, ~1.15x (benchmarks/run_all.py measures both settings side by
-side); the trainer and the sampler/judge use it. The train step gains less from
+trainer runs, ~1.15x (one-off timings, 2026-11-26); benchmarks/run_all.py
+measures the IF-style UNet both ways side by side. The trainer and the
+sampler/judge use it. The train step gains less from
 it (0.37 s) than from split_host, and the two together are no faster than
 split_host alone, so main.py splits the host only. The flag is experimental, so
 it is set only on the jaxlib versions it was measured with (an unknown flag

@@ -180,6 +180,20 @@ def one_device_step_seconds() -> float:
   return json.loads(out.stdout.strip().splitlines()[-1])["step_ms"] / 1000.0
 
 
+def _unet_row(row: dict, variant: str) -> tuple[str, str, str, str]:
+  """One bench_unet measurement as a table row; `variant` names the XLA setting."""
+  kind = row['name'].removeprefix('unet_').replace('_', '+').replace('+bf', ' bf')
+  name = (f"UNet {kind}{variant} (IF-style, batch {row['batch']}, "
+          f"{row['size']}x{row['size']})")
+  if "speedup_vs_float32" in row:
+    return (name, f"{1000 * row['jax_s']:.1f} ms",
+            f"float32 JAX {1000 * row['float32_s']:.1f} ms", f"{row['speedup_vs_float32']:.2f}x")
+  if row["torch_s"] is None:
+    return (name, f"{1000 * row['jax_s']:.1f} ms", "PyTorch without CUDA: not run", "")
+  return (name, f"{1000 * row['jax_s']:.0f} ms",
+          f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms", f"{row['speedup']:.2f}x")
+
+
 def eigen_unet_rows(quick: bool) -> list[dict]:
   """bench_unet's rows with `xla_cpu.use_eigen_convolutions()`, in a subprocess
   (the flag is read once per process, when JAX starts)."""
@@ -209,25 +223,12 @@ def run(quick: bool, accelerator: bool = False) -> list[tuple[str, str, str, str
   from benchmarks import bench_hashgrid  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_unet  # pylint: disable=g-import-not-at-top
   table = []
-  for row in bench_unet.run(quick, accelerator=accelerator):
-    name = (f"UNet {row['name'].removeprefix('unet_').replace('_', '+').replace('+bf', ' bf')} "
-            f"(IF-style, batch {row['batch']}, {row['size']}x{row['size']})")
-    if "speedup_vs_float32" in row:
-      table.append((name, f"{1000 * row['jax_s']:.1f} ms",
-                    f"float32 JAX {1000 * row['float32_s']:.1f} ms",
-                    f"{row['speedup_vs_float32']:.2f}x"))
-    elif row["torch_s"] is None:
-      table.append((name, f"{1000 * row['jax_s']:.1f} ms", "PyTorch without CUDA: not run", ""))
-    else:
-      table.append((name, f"{1000 * row['jax_s']:.0f} ms",
-                    f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms", f"{row['speedup']:.2f}x"))
+  unet_runs = [("", bench_unet.run(quick, accelerator=accelerator))]
   if not accelerator:  # the same UNet with XLA:CPU's convolutions on Eigen, side by side
-    for row in eigen_unet_rows(quick):
-      name = row['name'].removeprefix('unet_').replace('_', '+')
-      table.append((f"UNet {name}, Eigen convolutions (`bench_unet --eigen`)",
-                    f"{1000 * row['jax_s']:.0f} ms",
-                    f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms",
-                    f"{row['speedup']:.2f}x"))
+    unet_runs.append((", Eigen convolutions", eigen_unet_rows(quick)))
+  for variant, rows in unet_runs:
+    for row in rows:
+      table.append(_unet_row(row, variant))
   hashgrid_rows = bench_hashgrid.run(quick)
   by_pass = {}
   for row in hashgrid_rows:

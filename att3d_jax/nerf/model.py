@@ -59,7 +59,7 @@ def render_fn(params: dict, spec: hashgrid.HashGridSpec, mlp: field_lib.FieldMLP
       num_samples=config.render.num_samples, scene_radius=config.render.scene_radius,
       background_fn=background_fn, shading="albedo",
       num_importance=config.render.num_importance,
-      num_proposal=config.render.get("num_proposal", 0))
+      num_proposal=config.render.num_proposal)
 
 
 def init_params(key: jax.Array, spec: hashgrid.HashGridSpec,
