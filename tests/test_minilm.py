@@ -1,6 +1,7 @@
 """Flax MiniLM: parity with sentence-transformers (PyTorch), errors."""
 
 import json
+import logging
 import shutil
 import sys
 
@@ -66,11 +67,17 @@ def test_matches_sentence_transformers(encoder, reference):
   np.testing.assert_allclose(np.linalg.norm(pooled, axis=-1), 1.0, atol=1e-5)
 
 
-def test_truncation_matches_sentence_transformers(reference):
-  """Over-long prompts keep their first max_length - 2 wordpieces, like ST."""
+def test_truncation_matches_sentence_transformers_and_warns(reference, caplog):
+  """Over-long prompts keep their first max_length - 2 wordpieces, like ST,
+  with a warning naming what the encoder sees; prompts that fit stay quiet."""
   max_length = 8
   short = minilm.MiniLMEncoder.from_package(max_length=max_length)
-  token_ids, mask = short.tokenize([PROMPTS[1]])
+  with caplog.at_level(logging.WARNING):
+    short.tokenize(["a cat"])
+  assert not caplog.records
+  with caplog.at_level(logging.WARNING):
+    token_ids, mask = short.tokenize([PROMPTS[1]])
+  assert len(caplog.records) == 1 and "max_length=8" in caplog.text
   assert mask.all() and token_ids[0, 0] == 101 and token_ids[0, -1] == 102
   original = reference.max_seq_length
   reference.max_seq_length = max_length

@@ -23,6 +23,7 @@ Outputs (`MiniLMEncoder.encode`):
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -264,8 +265,9 @@ class MiniLMEncoder:
   Sequences are padded (and truncated) to a fixed `max_length`, so every batch
   of the same size reuses one compiled function. A prompt longer than
   `max_length - 2` wordpieces keeps its first `max_length - 2` wordpieces
-  between [CLS] and [SEP], silently: the rule sentence-transformers applies at
-  its own limit of 256. Use `tokenize` to inspect what the model sees.
+  between [CLS] and [SEP] (the rule sentence-transformers applies at its own
+  limit of 256) and logs a warning naming what was cut. Use `tokenize` to
+  inspect what the model sees.
   """
 
   def __init__(self, model_dir: str | pathlib.Path, max_length: int = 32,
@@ -328,6 +330,11 @@ class MiniLMEncoder:
             f"prompt {index} is {prompt!r}; every prompt must be a string "
             "with at least one non-whitespace character.")
     encodings = self._tokenizer.encode_batch(list(prompts))
+    for prompt, encoding in zip(prompts, encodings):
+      if encoding.overflowing:
+        kept = self._tokenizer.decode(encoding.ids)
+        logging.warning("prompt %r is longer than max_length=%d tokens; the text "
+                        "encoder sees only %r", prompt, self.max_length, kept)
     token_ids = np.array([e.ids for e in encodings], np.int32)
     mask = np.array([e.attention_mask for e in encodings], bool)
     return token_ids, mask
