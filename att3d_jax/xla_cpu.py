@@ -10,7 +10,9 @@ runs its halves of the batch side by side: much of rendering (gathers,
 scatter-adds, elementwise fusions) runs on one thread per program, and two
 programs keep both cores busy. The default train step on the project's 2-core
 CPU: 300 ms with 2 host devices vs 361 ms with one (run_all's side-by-side row,
-docs/benchmarks.md).
+docs/benchmarks.md). The shapes-diffusion trainer splits its batch the same
+way (`data_mesh`): 1.01 vs 1.27 s per batch-32 step, with Eigen convolutions
+in both (one-off timings, 2026-11-27).
 
 `use_eigen_convolutions()` turns off XLA:CPU's YNNPACK fusions (jaxlib 0.10's
 default for convolutions and large dots) so that they run on XLA's Eigen
@@ -21,14 +23,17 @@ trainer runs, ~1.15x (one-off timings, 2026-11-26); benchmarks/run_all.py
 measures the IF-style UNet both ways side by side. The trainer and the
 sampler/judge use it. The train step gains less from
 it (0.37 s) than from split_host, and the two together are no faster than
-split_host alone, so main.py splits the host only. The flag is experimental, so
+split_host alone, so main.py splits the host only; the diffusion trainer,
+dominated by convolutions, uses both. The flag is experimental, so
 it is set only on the jaxlib versions it was measured with (an unknown flag
 aborts XLA); elsewhere XLA's defaults stay.
 """
 
 import os
 
+import jax
 from jaxlib import version as jaxlib_version
+import numpy as np
 
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -56,3 +61,11 @@ def use_eigen_convolutions() -> bool:
   if jaxlib_version.__version__ not in MEASURED_JAXLIB_VERSIONS:
     return False
   return _add_flag(YNN_FUSION_FLAG, "")
+
+
+def data_mesh(batch_size: int) -> jax.sharding.Mesh:
+  """A 1-D mesh, axis "data", over as many local devices as divide
+  `batch_size`: with `split_host`, the way a script keeps every core busy."""
+  devices = jax.local_devices()
+  count = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+  return jax.sharding.Mesh(np.asarray(devices[:count]), ("data",))

@@ -27,9 +27,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.hashgrid.base_resolution = 8
   config.hashgrid.max_resolution = 96
   config.field.hidden_width = 32
-  config.render.num_samples = 48
+  # 12 stratified samples find each ray's surface, 12 more are placed there
+  # (render.proposal_edges), as in configs/shapes.py.
+  config.render.num_samples = 12
+  config.render.num_proposal = 12
   config.render.shading = "albedo"  # the model's images bake a world-fixed light
 
+  config.cpu_devices = 2  # XLA CPU devices the prompts are split over (main only)
   config.views_per_step = 4  # rendered frames per prompt per step
   config.guidance_scale = 5.0  # classifier-free guidance weight
   config.t_range = (0.02, 0.98)  # SDS timesteps, fractions of the schedule
@@ -51,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.prompts = ("a red sphere", "a white cube")
     config.num_steps = 6
     config.eval_every = 3
-    config.render.num_samples = 16
+    config.render.num_samples = 8
+    config.render.num_proposal = 8
     config.views_per_step = 2
     config.turntable_frames = 4
   return config

@@ -27,6 +27,9 @@ from absl import flags
 import flax.serialization
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -65,10 +68,22 @@ def caption_table(encoder: minilm.MiniLMEncoder, prompts: list[str],
   return table
 
 
+def min_snr_weights(alpha_bar: jax.Array, gamma: float) -> jax.Array:
+  """Per-example weights of the epsilon loss under Min-SNR-gamma (Hang et al.
+  2023, arXiv 2303.09556): min(SNR, gamma) / SNR, so the low-noise steps (SNR
+  above gamma) stop dominating the gradient; gamma <= 0: all ones."""
+  if gamma <= 0:
+    return jnp.ones_like(alpha_bar)
+  snr = alpha_bar / (1.0 - alpha_bar)
+  return jnp.minimum(snr, gamma) / snr
+
+
 def make_train_step(config, module, optimizer, scene_table, conditioning_table,
-                    alphas_cumprod, root_key, focus_indices):
+                    alphas_cumprod, root_key, focus_indices, mesh: Mesh):
   """The jitted step: (state, step) -> (state, metrics). `state` is a dict of
-  params, ema_params and opt_state; all randomness is fold_in(root_key, step).
+  params, ema_params and opt_state, replicated over `mesh`; the batch is split
+  over its "data" axis. All randomness is fold_in(root_key, step), so the
+  step's result does not depend on the number of devices.
 
   A share `config.focus_fraction` of each batch is drawn from `focus_indices`
   (int [F], rows of the tables), the rest uniformly from all prompts."""
@@ -90,6 +105,8 @@ def make_train_step(config, module, optimizer, scene_table, conditioning_table,
         camera_key, batch, config.camera.elevation_range_deg,
         config.camera.azimuth_range_deg, config.camera.distance_range,
         config.camera.fov_y_range_deg)
+    # Split the batch over the devices from here on (renders and UNet alike).
+    index, cameras = jax.lax.with_sharding_constraint((index, cameras), batch_sharding)
     scene = jax.tree.map(lambda field: field[index], scene_table)
     images = render(scene, cameras_lib.generate_rays(cameras, height, width))["rgb"]
     view = cameras_lib.view_index(cameras.elevation, cameras.azimuth)
@@ -101,15 +118,20 @@ def make_train_step(config, module, optimizer, scene_table, conditioning_table,
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     alpha_bar = alphas_cumprod[timesteps][:, None, None, None]
     noisy = jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1.0 - alpha_bar) * noise
-    return noisy, timesteps, conditioning, noise
+    weights = min_snr_weights(alpha_bar[:, 0, 0, 0], config.snr_gamma)
+    return noisy, timesteps, conditioning, noise, weights
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=replicated)
   def train_step(state, step):
-    noisy, timesteps, conditioning, noise = sample_batch(jax.random.fold_in(root_key, step))
+    noisy, timesteps, conditioning, noise, weights = sample_batch(
+        jax.random.fold_in(root_key, step))
 
     def loss_fn(params):
       eps = diffusion.make_eps_fn(module, params)(noisy, timesteps, conditioning)
-      return jnp.mean((eps - noise)**2)
+      return jnp.mean(weights * jnp.mean((eps - noise)**2, axis=(1, 2, 3)))
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -223,9 +245,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
            "opt_state": optimizer.init(init_params)}
   checkpoint = workdir / CHECKPOINT_NAME
   state, start_step = restore_checkpoint(checkpoint, state)
+  mesh = xla_cpu.data_mesh(config.batch_size)
+  print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
+        "device(s)", flush=True)
+  state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
   train_step = make_train_step(config, module, optimizer, scene_table,
                                conditioning_table, alphas_cumprod,
-                               jax.random.fold_in(root_key, 1), focus_prompt_indices(prompts))
+                               jax.random.fold_in(root_key, 1), focus_prompt_indices(prompts),
+                               mesh)
 
   log = open(workdir / "metrics.jsonl", "a")
   start = time.time()
@@ -265,7 +292,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
 
 def main(argv):
   del argv
-  xla_cpu.use_eigen_convolutions()  # before the first computation
+  # Before the first computation: both take effect when XLA starts.
+  xla_cpu.split_host(_CONFIG.value.cpu_devices)
+  xla_cpu.use_eigen_convolutions()
   print(json.dumps(train(_CONFIG.value, _WORKDIR.value, _EXPORT.value, _INIT_FROM.value),
                    indent=2))
 

@@ -1,7 +1,10 @@
 """The shapes diffusion model's glue, export and training/SDS scripts."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import diffusers
 import jax
@@ -73,6 +76,41 @@ def test_shipped_model_fits_the_size_limit():
 def test_missing_model_folder_names_the_layout(tmp_path):
   with pytest.raises(FileNotFoundError, match="unet/config.json.*text_encoder.json"):
     diffusion.ShapesDiffusionModel(str(tmp_path))
+
+
+def test_min_snr_weights_against_their_definition():
+  alpha_bar = jnp.asarray([0.999, 10.0 / 11.0, 5.0 / 6.0, 0.5, 1e-3])  # SNR 999, 10, 5, 1, ~1e-3
+  snr = alpha_bar / (1.0 - alpha_bar)
+  weights = train_shapes_diffusion.min_snr_weights(alpha_bar, 5.0)
+  np.testing.assert_allclose(weights, [5.0 / 999.0, 0.5, 1.0, 1.0, 1.0], rtol=1e-4)
+  np.testing.assert_allclose(weights * snr, np.minimum(snr, 5.0), rtol=1e-4)
+  np.testing.assert_array_equal(train_shapes_diffusion.min_snr_weights(alpha_bar, 0.0), 1.0)
+
+
+def _train_quick_cli(workdir, cpu_devices: int) -> tuple[str, list[float]]:
+  """The trainer's CLI on the quick config with the CPU split into
+  `cpu_devices`; returns its output and the logged losses."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.train_shapes_diffusion",
+       "--config=configs/shapes_diffusion.py:quick", f"--workdir={workdir}",
+       f"--config.cpu_devices={cpu_devices}", "--config.sample_steps=1"],
+      cwd=SHIPPED.parent.parent, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+      text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return out.stdout + out.stderr, [json.loads(line)["loss"] for line in lines]
+
+
+def test_trainer_splits_the_batch_over_two_cpu_devices_with_the_same_result(tmp_path):
+  """config.cpu_devices=2 renders and denoises half the batch on each XLA CPU
+  device; the losses match one device (the batch is drawn from the step key)."""
+  one_log, one = _train_quick_cli(tmp_path / "one", 1)
+  two_log, two = _train_quick_cli(tmp_path / "two", 2)
+  assert "mesh {'data': 1} over 1 cpu device(s)" in one_log
+  assert "mesh {'data': 2} over 2 cpu device(s)" in two_log
+  assert len(one) == 2 and np.all(np.isfinite(one))
+  np.testing.assert_allclose(two, one, rtol=1e-5)
 
 
 @pytest.mark.slow
