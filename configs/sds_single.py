@@ -33,7 +33,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.render.num_proposal = 12
   config.render.shading = "albedo"  # the model's images bake a world-fixed light
 
-  config.cpu_devices = 2  # XLA CPU devices the prompts are split over (main only)
   config.views_per_step = 4  # rendered frames per prompt per step
   config.guidance_scale = 5.0  # classifier-free guidance weight
   config.t_range = (0.02, 0.98)  # SDS timesteps, fractions of the schedule

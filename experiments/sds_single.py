@@ -23,14 +23,11 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
 
-from att3d_jax import xla_cpu
 from att3d_jax.eval import metrics
 from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
@@ -85,16 +82,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
        "mlp": optax.adam(config.learning_rate_mlp, eps=1e-15)},
       {"tables": "tables", "mlp": jax.tree.map(lambda _: "mlp", params["mlp"])})
   opt_state = optimizer.init(params)
-  # Prompts are independent: split them over the devices (config.cpu_devices).
-  mesh = xla_cpu.data_mesh(num_prompts)
-  print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
-        "device(s)", flush=True)
-  by_prompt = NamedSharding(mesh, PartitionSpec("data"))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  params, opt_state = jax.device_put(
-      (params, opt_state),
-      jax.tree.map(lambda x: by_prompt if x.ndim and x.shape[0] == num_prompts else replicated,
-                   (params, opt_state)))
 
   def render_prompt(params_one, cameras, key):
     rays = cameras_lib.generate_rays(cameras, height, width)
@@ -111,7 +98,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         k, num_views, config.camera.elevation_range_deg, config.camera.azimuth_range_deg,
         config.camera.distance_range, config.camera.fov_y_range_deg))(
             jax.random.split(camera_key, num_prompts))
-    cameras = jax.lax.with_sharding_constraint(cameras, by_prompt)
     view = cameras_lib.view_index(cameras.elevation, cameras.azimuth)  # [P, V]
     conditioning = jnp.take_along_axis(
         conditioning_table, view[:, :, None, None], axis=1)  # [P, V, 1 + L, D]
@@ -201,7 +187,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  xla_cpu.split_host(_CONFIG.value.cpu_devices)  # before the first computation
   results = run(_CONFIG.value, _WORKDIR.value)
   print(f"{'prompt':24s} {'blob IoU':>8s} {'IoU':>6s} color")
   for row in results["per_prompt"]:
