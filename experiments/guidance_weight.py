@@ -17,7 +17,7 @@ guidance_weight.png (GT metrics against the weight), guidance_weight_strip.png
 (rows: two seen and two unseen prompts, columns: weights), config.json and
 the training workdir model/.
 
-Cost of the full mode: one run of configs/shapes.py (2000 steps, capped at its
+Cost of the full mode: one run of configs/shapes.py (its train.num_steps, capped at its
 train.time_budget_s of 25 min) with its final evaluation, then one GT
 evaluation of 64 prompts x 16 views per weight (~1-2 min each): about 35 min
 for 3 weights. Measured (2026-11-26, docs/results/): with

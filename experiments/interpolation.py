@@ -25,7 +25,7 @@ interpolation.png (the metrics per pair and model), interpolation_strips.png
 (rows: pair x model, columns: weights), config.json and one training workdir
 per model (none/, embedding/ or loss/).
 
-Cost of the full mode: two runs of configs/shapes.py (2000 steps, capped at
+Cost of the full mode: two runs of configs/shapes.py (its train.num_steps, capped at
 its train.time_budget_s of 25 min each; `loss` renders once but runs the UNet
 on both prompts, so it is slower per step and stops at the cap) plus a final GT
 evaluation of 64 prompts x 16 views and start-up each, then seconds for the
