@@ -246,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
   checkpoint = workdir / CHECKPOINT_NAME
   state, start_step = restore_checkpoint(checkpoint, state)
   mesh = xla_cpu.data_mesh(config.batch_size)
-  print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
+  print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} "
         "device(s)", flush=True)
   state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
   train_step = make_train_step(config, module, optimizer, scene_table,

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random models built here (nothing is downloaded)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,14 @@ import pytest
 
 from att3d_jax.guidance import unet as unet_lib
 from configs import shapes_diffusion as shapes_diffusion_config
+
+
+def env_without_xla_flags(**extra: str) -> dict[str, str]:
+  """This process's environment minus XLA_FLAGS, plus `extra`: a subprocess
+  then gets only the XLA flags its entry point sets itself."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(extra)
+  return env
 
 
 def random_shapes_export(folder, seed: int = 0):

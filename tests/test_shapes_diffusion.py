@@ -1,7 +1,6 @@
 """The shapes diffusion model's glue, export and training/SDS scripts."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -90,13 +89,12 @@ def test_min_snr_weights_against_their_definition():
 def _train_quick_cli(workdir, cpu_devices: int) -> tuple[str, list[float]]:
   """The trainer's CLI on the quick config with the CPU split into
   `cpu_devices`; returns its output and the logged losses."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run(
       [sys.executable, "-m", "experiments.train_shapes_diffusion",
        "--config=configs/shapes_diffusion.py:quick", f"--workdir={workdir}",
        f"--config.cpu_devices={cpu_devices}", "--config.sample_steps=1"],
-      cwd=SHIPPED.parent.parent, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
-      text=True, timeout=600)
+      cwd=SHIPPED.parent.parent, env=conftest.env_without_xla_flags(JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   return out.stdout + out.stderr, [json.loads(line)["loss"] for line in lines]

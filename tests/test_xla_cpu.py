@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import conftest
+
 from att3d_jax import xla_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +26,8 @@ print("ynn" in f.lower(x, w).compile().as_text())
 
 
 def _compiled_uses_ynn(mode: str) -> bool:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run([sys.executable, "-c", _PROBE, mode], env=env, check=True,
+  result = subprocess.run([sys.executable, "-c", _PROBE, mode],
+                          env=conftest.env_without_xla_flags(), check=True,
                           capture_output=True, text=True, timeout=300)
   return result.stdout.strip().splitlines()[-1] == "True"
 
@@ -49,8 +51,7 @@ def test_user_xla_flags_win(monkeypatch):
 def test_main_splits_the_cpu_and_trains_on_both_halves(tiny_shapes_model, tmp_path):
   """`python -m att3d_jax.main` with no XLA_FLAGS: the quick config's batch is
   sharded over config.train.cpu_devices = 2 host devices, end to end."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = conftest.env_without_xla_flags(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   out = subprocess.run(
       [sys.executable, "-m", "att3d_jax.main", "--config=configs/shapes.py:quick",
        f"--workdir={tmp_path}", f"--config.guidance.path={tiny_shapes_model}",
