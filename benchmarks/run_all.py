@@ -54,6 +54,7 @@ from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
 from benchmarks import bench_train_step
 from configs import shapes as shapes_config
+from experiments import common
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -135,22 +136,8 @@ def train_step_profile(quick: bool) -> dict:
 QUALITY_VS_COMPUTE_CSV = os.path.join("docs", "results", "quality_vs_compute.csv")
 
 
-def frames_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
-  """Frames per prompt where a (frames, iou) curve first reaches `target`, linearly
-  interpolated between evaluations; None if it never does."""
-  previous = None
-  for frames, iou in points:
-    if iou >= target:
-      if previous is None:
-        return frames
-      frames0, iou0 = previous
-      return frames0 + (frames - frames0) * (target - iou0) / (iou - iou0)
-    previous = (frames, iou)
-  return None
-
-
 def frames_to_iou_row(path: str = QUALITY_VS_COMPUTE_CSV,
-                      target: float = 0.72) -> tuple[str, str, str, str] | None:
+                      target: float = 0.85) -> tuple[str, str, str, str] | None:
   """Amortized vs per-prompt frames per training prompt to reach IoU `target` (seen
   prompts), from the committed quality-vs-compute curves; None if they are absent."""
   if not os.path.exists(path):
@@ -163,7 +150,7 @@ def frames_to_iou_row(path: str = QUALITY_VS_COMPUTE_CSV,
             (float(row["frames_per_prompt"]), float(row["iou"])))
   if not {"hypernet", "per_prompt"} <= curves.keys():
     return None
-  amortized, per_prompt = (frames_to_reach(sorted(curves[k]), target)
+  amortized, per_prompt = (common.frames_to_reach(sorted(curves[k]), target)
                            for k in ("hypernet", "per_prompt"))
   show = lambda f: "not reached" if f is None else f"{f:.0f} frames/prompt"
   ratio = (f"{per_prompt / amortized:.2f}x fewer frames"

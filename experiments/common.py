@@ -95,6 +95,20 @@ def curve_rows(run_dir: pathlib.Path, labels: Mapping[str, Any]) -> list[dict]:
   return rows
 
 
+def frames_to_reach(points: Sequence[tuple[float, float]], target: float) -> float | None:
+  """Frames per prompt where a (frames, iou) curve, sorted by frames, first reaches
+  `target`, linearly interpolated between evaluations; None if it never does."""
+  previous = None
+  for frames, iou in points:
+    if iou >= target:
+      if previous is None:
+        return frames
+      frames0, iou0 = previous
+      return frames0 + (frames - frames0) * (target - iou0) / (iou - iou0)
+    previous = (frames, iou)
+  return None
+
+
 def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
   if not rows:
     raise ValueError(f"no rows to write to {path}")

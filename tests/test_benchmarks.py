@@ -26,13 +26,6 @@ def test_run_all_quick_table():
   assert markdown.count("\n|") == len(table) + 2
 
 
-def test_frames_to_reach_interpolates_the_first_crossing():
-  curve = [(0.0, 0.5), (10.0, 0.7), (20.0, 0.9), (30.0, 0.6), (40.0, 0.95)]
-  assert run_all.frames_to_reach(curve, 0.8) == pytest.approx(15.0)
-  assert run_all.frames_to_reach(curve, 0.5) == 0.0
-  assert run_all.frames_to_reach(curve, 0.99) is None
-
-
 def test_frames_to_iou_row_reads_both_curves(tmp_path):
   path = tmp_path / "curves.csv"
   path.write_text("mapping,split,step,frames_per_prompt,iou\n"

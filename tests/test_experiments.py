@@ -79,17 +79,53 @@ def test_variant_copies_and_rejects_unknown_fields(tiny_config):
     common.variant(tiny_config, {"seed.value": 1})
 
 
+def test_frames_to_reach_interpolates_the_first_crossing():
+  curve = [(0.0, 0.5), (10.0, 0.7), (20.0, 0.9), (30.0, 0.6), (40.0, 0.95)]
+  assert common.frames_to_reach(curve, 0.8) == pytest.approx(15.0)
+  assert common.frames_to_reach(curve, 0.5) == 0.0
+  assert common.frames_to_reach(curve, 0.99) is None
+
+
 def test_quality_vs_compute(tiny_config, tmp_path):
   rows = quality_vs_compute.run(tiny_config, str(tmp_path), ("hypernet", "per_prompt"),
-                                curve_every=2)
+                                curve_every=2, per_prompt_factor=2)
+  # The per-prompt baseline trains twice the steps: 4.
   assert {(r["mapping"], r["split"], r["step"]) for r in rows} == {
-      (kind, split, step) for kind in ("hypernet", "per_prompt") for step in (0, 2)
-      for split in (("train", "heldout") if kind == "hypernet" else ("train",))}
+      ("hypernet", split, step) for split in ("train", "heldout") for step in (0, 2)} | {
+      ("per_prompt", "train", step) for step in (0, 2, 4)}
   for row in rows:
     check_metrics(row)
   assert len(read_csv(tmp_path / "quality_vs_compute.csv")) == len(rows)
   assert (tmp_path / "quality_vs_compute.png").stat().st_size > 0
+  table = (tmp_path / "quality_vs_compute.md").read_text()
+  assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 3  # 3 budgets
+  assert table.count("- per_prompt seen: ") == 2  # reaches its own final and best
   assert (tmp_path / "config.json").is_file()
+
+
+def test_quality_vs_compute_table_reads_budgets_and_ratios():
+  def row(mapping, split, frames, iou):
+    return {"mapping": mapping, "split": split, "step": frames, "frames_per_prompt": frames,
+            "iou": iou, "r_precision": 1.0}
+  rows = [row("hypernet", "train", 0, 0.5), row("hypernet", "train", 50, 0.9),
+          row("hypernet", "heldout", 0, 0.5), row("hypernet", "heldout", 50, 0.7),
+          row("per_prompt", "train", 0, 0.5), row("per_prompt", "train", 100, 0.8),
+          row("per_prompt", "train", 200, 0.7)]
+  lines = quality_vs_compute.table(rows).splitlines()
+  assert lines[0].startswith("| frames per prompt | hypernet seen IoU | hypernet unseen IoU | "
+                             "per_prompt seen IoU |")
+  assert "| 50 | 0.900 | 0.700 | - |" in lines[3]
+  assert "| 200 | - | - | 0.700 |" in lines[5]
+  # Final per-prompt IoU 0.7 (200 frames): hypernet seen crosses it at 0.2 / 0.4 of 50
+  # frames, unseen at 50, per-prompt itself first at 2/3 of 100.
+  final = lines.index(next(l for l in lines if "baseline's final seen IoU (0.700" in l))
+  assert lines[final + 2:final + 5] == ["- hypernet seen: 25 (12% of the baseline's)",
+                                        "- hypernet unseen: 50 (25% of the baseline's)",
+                                        "- per_prompt seen: 67 (33% of the baseline's)"]
+  best = lines.index(next(l for l in lines if "baseline's best seen IoU (0.800" in l))
+  assert lines[best + 2:best + 5] == ["- hypernet seen: 38 (38% of the baseline's)",
+                                      "- hypernet unseen: not reached",
+                                      "- per_prompt seen: 100 (100% of the baseline's)"]
 
 
 def test_generalization(tiny_config, tmp_path, monkeypatch):
