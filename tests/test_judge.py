@@ -173,6 +173,15 @@ def test_score_counts_and_chance_levels():
   # Caption views: front 1/2, side 1/4, overhead 1/4; summed over consistent views.
   assert scores["view_agreement_chance"] == pytest.approx((0.5 + 1.0 + 0.25 + 0.25) / 4)
   assert scores["num_images"] == 4
+  # The front-view images alone, against the whole set's caption views: chance
+  # is not their own agreement (which the subset's own distribution would give).
+  front = {key: np.asarray(value)[[0, 2]] for key, value in judgements.items()}
+  subset = judge_lib.score(front, [captions[0], captions[2]], np.array([0.5, 0.25, 0.0, 0.25]))
+  assert subset["view_agreement"] == 0.5  # image 2 looks like a side view
+  assert subset["view_agreement_chance"] == pytest.approx((0.5 + 0.25) / 2)
+  assert subset["view_exact_chance"] == pytest.approx((0.5 + 0.25) / 2)  # judged front, side
+  own = judge_lib.score(front, [captions[0], captions[2]])  # all captions "front"
+  assert own["view_agreement_chance"] == own["view_agreement"]
 
 
 def test_bad_inputs_are_explained():

@@ -389,13 +389,18 @@ def chance_agreement(truth: Sequence[str], judged: Sequence[str]) -> float:
   return float(np.sum(truth_counts * judged_counts) / (len(truth) * len(judged)))
 
 
-def score(judgements: dict[str, np.ndarray], captions: Sequence[str]) -> dict[str, float]:
+def score(judgements: dict[str, np.ndarray], captions: Sequence[str],
+          view_frequency: np.ndarray | None = None) -> dict[str, float]:
   """Accuracies of judged images against the captions they were made from.
 
   Args:
     judgements: `Judge.judge` of N images.
     captions: N grammar prompts with view suffixes ("a red cube, front view"),
       one per image.
+    view_frequency: [len(VIEW_LABELS)] caption-view distribution the view
+      chance levels are measured against; default: these captions' own. Pass
+      the whole set's when scoring the images of one view (within one view
+      the own distribution makes chance equal to the score itself).
 
   Returns:
     dict of floats:
@@ -422,7 +427,9 @@ def score(judgements: dict[str, np.ndarray], captions: Sequence[str]) -> dict[st
   shape_ok = judgements["shape"] == shapes
   view_index = np.asarray([cameras_lib.VIEW_LABELS.index(view) for view in views])
   consistent = np.asarray(judgements["consistent_views"], bool)
-  view_frequency = np.bincount(view_index, minlength=len(cameras_lib.VIEW_LABELS)) / len(parts)
+  if view_frequency is None:
+    view_frequency = np.bincount(view_index, minlength=len(cameras_lib.VIEW_LABELS)) / len(parts)
+  judged_view_index = np.asarray([cameras_lib.VIEW_LABELS.index(v) for v in judgements["view"]])
   joint = np.char.add(np.char.add(colors, " "), shapes)
   judged_joint = np.char.add(np.char.add(judgements["color"], " "), judgements["shape"])
   return {
@@ -435,7 +442,7 @@ def score(judgements: dict[str, np.ndarray], captions: Sequence[str]) -> dict[st
       "shape_chance": chance_agreement(shapes, judgements["shape"]),
       "color_and_shape_chance": chance_agreement(joint, judged_joint),
       "view_agreement_chance": float(np.mean(consistent @ view_frequency)),
-      "view_exact_chance": chance_agreement(views, judgements["view"]),
+      "view_exact_chance": float(np.mean(view_frequency[judged_view_index])),
       "num_images": len(parts),
   }
 
