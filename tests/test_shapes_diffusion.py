@@ -136,4 +136,7 @@ def test_sds_single_quick_runs_on_a_random_model(tmp_path):
   results = sds_single.run(config, str(tmp_path / "run"))
   assert len(results["per_prompt"]) == len(config.prompts)
   assert all(0.0 <= row["iou"] <= 1.0 for row in results["per_prompt"])
+  assert all(row["area_ratio"] >= 0.0 for row in results["per_prompt"])
+  assert [point["step"] for point in results["curve"]] == [0, 3, 6]
+  assert all(len(point["iou"]) == len(config.prompts) for point in results["curve"][1:])
   assert results["frames_per_prompt"] == config.num_steps * config.views_per_step
