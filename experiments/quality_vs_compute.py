@@ -23,9 +23,7 @@ from absl import app
 from absl import flags
 import ml_collections
 
-from att3d_jax import train
 from experiments import common
-
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, kinds=("hypernet", "per_prompt"),

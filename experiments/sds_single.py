@@ -79,6 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   params = jax.vmap(lambda key: model.init_params(key, spec, mlp))(
       jax.random.split(jax.random.fold_in(root_key, 0), num_prompts))
+
   def adam(learning_rate):  # cosine decay to lr_final_fraction of the rate
     return optax.adam(optax.cosine_decay_schedule(learning_rate, config.num_steps,
                                                   config.lr_final_fraction),
