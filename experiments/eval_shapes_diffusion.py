@@ -124,8 +124,7 @@ def scores_by_view(judgements: dict, captions: Sequence[str],
                    views: Sequence[str]) -> dict[str, dict[str, float]]:
   """`judge.score` over all captions and over each view's captions (view chance
   levels against the whole set's caption views)."""
-  view_index = [cameras_lib.VIEW_LABELS.index(judge_lib.caption_parts(c)[1]) for c in captions]
-  frequency = np.bincount(view_index, minlength=len(cameras_lib.VIEW_LABELS)) / len(captions)
+  frequency = judge_lib.caption_view_frequency(captions)
   result = {"all": judge_lib.score(judgements, captions)}
   for view in views:
     keep = np.asarray([caption.endswith(cameras_lib.view_suffix(view)) for caption in captions])

@@ -156,11 +156,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       iou = np.asarray(metrics.silhouette_iou(rendered["opacity"][i], truth[i]["mask"]))
       color = nearest_color(rendered["rgb"][i], rendered["opacity"][i], truth_by_color[i],
                             truth[i]["mask"])
-      # Rendered silhouette area over the GT one: < 1 is an object too small or thin.
-      area_ratio = float(np.sum(np.asarray(rendered["opacity"][i]) > 0.5)
-                         / max(np.sum(np.asarray(truth[i]["mask"]) > 0.5), 1))
+      area_ratio = metrics.silhouette_area_ratio(rendered["opacity"][i], truth[i]["mask"])
       rows.append({"prompt": prompt, "iou": float(iou.mean()), "iou_min_view": float(iou.min()),
-                   "area_ratio": area_ratio,
+                   "area_ratio": float(area_ratio),
                    "color": color, "color_ok": color == scenes.parse_prompt(prompt).color})
     return rows
 

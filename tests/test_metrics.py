@@ -1,6 +1,7 @@
 """GT metrics against hand-computed values."""
 
 import numpy as np
+import pytest
 
 from att3d_jax.eval import metrics
 
@@ -30,3 +31,14 @@ def test_bounding_box_error_is_relative_to_reference_size():
   np.testing.assert_array_equal(reference, [[-1, -0.5, 0], [1, 0.5, 0.5]])
   shifted = reference + np.array([0.1, 0.0, 0.0])
   assert np.isclose(metrics.bounding_box_error(shifted, reference), 0.1 / 2.0)
+
+
+def test_silhouette_area_ratio_counts_pixels_over_all_views():
+  opacity = np.zeros((2, 4, 4), np.float32)
+  opacity[0, :2, :] = 0.9  # 8 pixels
+  opacity[1, 0, 0] = 0.5  # at the threshold: not silhouette
+  mask = np.zeros((2, 4, 4), np.float32)
+  mask[0, :, :2] = 1.0  # 8 pixels
+  mask[1, :2, :2] = 1.0  # 4 pixels
+  assert float(metrics.silhouette_area_ratio(opacity, mask)) == pytest.approx(8 / 12)
+  assert float(metrics.silhouette_area_ratio(opacity, np.zeros_like(mask))) == 8.0

@@ -389,6 +389,12 @@ def chance_agreement(truth: Sequence[str], judged: Sequence[str]) -> float:
   return float(np.sum(truth_counts * judged_counts) / (len(truth) * len(judged)))
 
 
+def caption_view_frequency(captions: Sequence[str]) -> np.ndarray:
+  """[len(VIEW_LABELS)] share of the captions naming each view."""
+  index = [cameras_lib.VIEW_LABELS.index(caption_parts(c)[1]) for c in captions]
+  return np.bincount(index, minlength=len(cameras_lib.VIEW_LABELS)) / len(captions)
+
+
 def score(judgements: dict[str, np.ndarray], captions: Sequence[str],
           view_frequency: np.ndarray | None = None) -> dict[str, float]:
   """Accuracies of judged images against the captions they were made from.
@@ -428,7 +434,7 @@ def score(judgements: dict[str, np.ndarray], captions: Sequence[str],
   view_index = np.asarray([cameras_lib.VIEW_LABELS.index(view) for view in views])
   consistent = np.asarray(judgements["consistent_views"], bool)
   if view_frequency is None:
-    view_frequency = np.bincount(view_index, minlength=len(cameras_lib.VIEW_LABELS)) / len(parts)
+    view_frequency = caption_view_frequency(captions)
   judged_view_index = np.asarray([cameras_lib.VIEW_LABELS.index(v) for v in judgements["view"]])
   joint = np.char.add(np.char.add(colors, " "), shapes)
   judged_joint = np.char.add(np.char.add(judgements["color"], " "), judgements["shape"])

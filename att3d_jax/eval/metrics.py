@@ -27,6 +27,13 @@ def silhouette_iou(opacity, mask, threshold: float = 0.5):
   return jnp.where(union > 0, intersection / jnp.maximum(union, 1), 1.0)
 
 
+def silhouette_area_ratio(opacity, mask, threshold: float = 0.5):
+  """Rendered silhouette area (opacity > threshold) over the ground-truth mask's,
+  summed over all views: < 1 is an object too small or thin, > 1 too large."""
+  predicted = jnp.sum(jnp.asarray(opacity) > threshold)
+  return predicted / jnp.maximum(jnp.sum(jnp.asarray(mask) > 0.5), 1)
+
+
 def bounding_box(vertices) -> np.ndarray:
   """`[2, 3]` (min corner, max corner) of a point set `[N, 3]`."""
   vertices = np.asarray(vertices)
