@@ -1,6 +1,6 @@
 """UNet forward and forward+backward: the Flax port vs diffusers' PyTorch UNet, same config.
 
-    python -m benchmarks.bench_unet [--quick] [--threads 1]
+    python -m benchmarks.bench_unet [--quick] [--threads 1] [--eigen] [--split_host 2]
 
 The model is a DeepFloyd-IF-style UNet at CPU width (block_out_channels 64/128/256,
 added-KV attention at the two lower resolutions, 77 text tokens), with the same random
@@ -18,14 +18,30 @@ runs a block of repeats after warm-up (blocks, not interleaved calls, so that Py
 spinning threads do not run into the JAX timings); reported are medians of wall-clock and
 of process CPU time.
 
-What limits the port on CPU (measured while writing it, jax 0.10.2): forward convs are on
-par with PyTorch's oneDNN (a 3x3, 128-channel conv at 64x64: 16 ms vs 13 ms), but XLA's
-gradient w.r.t. conv weights takes 83-95 ms vs 16 ms, about a third of the JAX backward;
-attention is 14 ms vs 10 ms forward and ~5x that backward. NCHW vs NHWC, XLA's oneDNN /
-XNNPACK flags and matmul rewrites of the weight gradient did not close the gap: a
-custom VJP computing the kernel gradient as kh * kw shifted-input matmuls is 1.9x faster
-per conv (3x3, 128 channels, 8x64x64: 89 ms vs 167 ms) but made this UNet's
-forward+backward only 1.03x faster (2026-11-26), so it was not kept.
+Under each UNet row, the UNet's convolutions alone: every `conv_general_dilated` of its
+forward pass (found in the jaxpr), without bias, forward or vjp (input and kernel
+gradients), JAX vs `torch.nn.functional.conv2d` on the same shapes. PyTorch's whole UNet
+time over our convolutions alone bounds what any change to the rest of the port could
+gain. `--split_host 2` splits the CPU into two XLA devices and the batch over them, as
+main.py runs the train step.
+
+What limits the port on CPU (docs/benchmarks.md, 2026-11-27, batch 4 at 64x64, 2 cores):
+with Eigen convolutions ours take 852 ms forward+backward against PyTorch's 884 ms, so
+the bound is 1.75x, and 1.5x would leave 139 ms for everything else, which PyTorch's
+fused kernels (flash attention, native GroupNorm, GELU) do in ~600 ms and XLA:CPU's loop
+fusions in ~1.6 s (GroupNorm and bias-gradient reductions, the softmax over 1101 keys,
+GELU, layout copies). With XLA's default YNNPACK convolutions the kernel gradients are
+slow (a 3x3 128-channel conv at 64x64: forward+kernel gradient 92 ms vs 27 ms on Eigen)
+and the bound is 1.16x. Tried and not kept, each measured on this UNet or its largest
+convolution (2026-11-26/27): a custom VJP computing kernel gradients as shifted-input
+matmuls (1.03x); Winograd F(2x2, 3x3) convolutions (the transforms are memory-bound:
+a 64-channel forward 21 ms vs 4.6 ms direct); a custom-VJP GroupNorm with matrix-vector
+reductions (1.32x slower); bias gradients as matrix-vector products (1.03x); XLA flags
+(fusion emitters off, fast math, the concurrency-optimized scheduler, oneDNN fusions);
+bfloat16 (XLA:CPU has no AMX path: a bf16 matmul runs at 250 GFLOP/s vs 300 in f32,
+while PyTorch's bf16 reaches ~1970 GFLOP/s on this CPU's AMX). Splitting the batch over
+two host devices helps the forward pass, which is what score distillation runs (419 vs
+477 ms, 1.14x), and leaves forward+backward at 0.69x.
 """
 
 import argparse
@@ -90,8 +106,95 @@ def _median_times(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
   return statistics.median(wall), statistics.median(cpu)
 
 
-def run(quick: bool = False, threads: int | None = None,
-        accelerator: bool = False) -> list[dict]:
+def convolution_calls(fn, *args) -> list[dict]:
+  """Every `lax.conv_general_dilated` that `fn(*args)` runs, from its jaxpr (nested
+  jaxprs included), as keyword arguments for that function plus operand shapes."""
+  calls = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'conv_general_dilated':
+        params = {k: eqn.params[k] for k in (
+            'window_strides', 'padding', 'lhs_dilation', 'rhs_dilation',
+            'dimension_numbers', 'feature_group_count', 'batch_group_count')}
+        calls.append(dict(params, lhs_shape=eqn.invars[0].aval.shape,
+                          rhs_shape=eqn.invars[1].aval.shape))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, 'jaxpr', sub)  # ClosedJaxpr -> Jaxpr
+          if hasattr(sub, 'eqns'):
+            visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return calls
+
+
+def _torch_conv_args(call: dict) -> tuple[tuple, tuple, tuple[int, ...], tuple[int, ...]]:
+  """(NCHW input shape, OIHW kernel shape, stride, F.pad widths) of a conv call."""
+  if (set(call['lhs_dilation']) | set(call['rhs_dilation']) != {1}
+      or call['feature_group_count'] != 1 or call['batch_group_count'] != 1):
+    raise NotImplementedError(f'only plain convolutions are timed, got {call}')
+  numbers = call['dimension_numbers']  # specs: (batch/out, feature/in, spatial...)
+  lhs_shape = tuple(call['lhs_shape'][i] for i in numbers.lhs_spec)
+  rhs_shape = tuple(call['rhs_shape'][i] for i in numbers.rhs_spec)
+  pad = tuple(width for low, high in reversed(call['padding']) for width in (low, high))
+  return lhs_shape, rhs_shape, tuple(call['window_strides']), pad
+
+
+def time_convolutions(calls: list[dict], repeats: int, torch_device: str = 'cpu',
+                      torch_runs: bool = True) -> list[dict]:
+  """The given convolutions alone (no bias), forward and forward+backward (vjp to
+  input and kernel, fixed random cotangents), JAX vs PyTorch; rows like `run`'s."""
+  rng = np.random.default_rng(2)
+  normal = lambda shape: rng.standard_normal(shape).astype(np.float32)
+  conv = lambda lhs, rhs, call: jax.lax.conv_general_dilated(lhs, rhs, **{
+      k: v for k, v in call.items() if not k.endswith('_shape')})
+  lhs = [jnp.asarray(normal(c['lhs_shape'])) for c in calls]
+  rhs = [jnp.asarray(normal(c['rhs_shape'])) for c in calls]
+  apply = lambda lhs, rhs: [conv(x, w, c) for x, w, c in zip(lhs, rhs, calls)]
+  cotangents = [jnp.asarray(normal(y.shape)) for y in apply(lhs, rhs)]
+  forward = jax.jit(apply)
+  backward = jax.jit(lambda lhs, rhs, cots: jax.vjp(apply, lhs, rhs)[1](cots))
+
+  torch_args = [_torch_conv_args(c) for c in calls]
+  to_torch = lambda a: torch.from_numpy(np.array(a)).to(torch_device).requires_grad_(True)
+  torch_lhs = [to_torch(np.asarray(x).transpose(c['dimension_numbers'].lhs_spec))
+               for x, c in zip(lhs, calls)]
+  torch_rhs = [to_torch(np.asarray(w).transpose(c['dimension_numbers'].rhs_spec))
+               for w, c in zip(rhs, calls)]
+  torch_cots = [to_torch(np.asarray(y).transpose(c['dimension_numbers'].out_spec)).detach()
+                for y, c in zip(cotangents, calls)]
+  sync = torch.cuda.synchronize if torch_device == 'cuda' else lambda: None
+
+  def torch_apply():
+    return [torch.nn.functional.conv2d(torch.nn.functional.pad(x, pad), w, stride=stride)
+            for x, w, (_, _, stride, pad) in zip(torch_lhs, torch_rhs, torch_args)]
+
+  def torch_forward():
+    with torch.no_grad():
+      out = torch_apply()
+    sync()
+    return out
+
+  def torch_forward_backward():
+    grads = torch.autograd.grad(torch_apply(), torch_lhs + torch_rhs, torch_cots)
+    sync()
+    return grads
+
+  rows = []
+  for name, jax_fn, torch_fn in (
+      ('convolutions_forward', lambda: jax.block_until_ready(forward(lhs, rhs)), torch_forward),
+      ('convolutions_forward_backward',
+       lambda: jax.block_until_ready(backward(lhs, rhs, cotangents)), torch_forward_backward)):
+    jax_wall, _ = _median_times(jax_fn, repeats)
+    torch_wall = _median_times(torch_fn, repeats)[0] if torch_runs else None
+    rows.append(dict(name=name, count=len(calls), jax_s=jax_wall, torch_s=torch_wall,
+                     speedup=torch_wall / jax_wall if torch_runs else None))
+  return rows
+
+
+def run(quick: bool = False, threads: int | None = None, accelerator: bool = False,
+        split_batch: bool = False) -> list[dict]:
   """Times JAX and PyTorch; one dict per measurement (name, shapes, seconds, speedups).
 
   Args:
@@ -101,6 +204,9 @@ def run(quick: bool = False, threads: int | None = None,
     accelerator: JAX runs on its default GPU/TPU at batch 16, and a bfloat16 forward row
       is added (its ratio is against float32 JAX); PyTorch runs on CUDA when its build has
       it, otherwise its columns are None (a CPU PyTorch is no reference for a GPU).
+    split_batch: JAX splits the batch over the local XLA devices (`xla_cpu.data_mesh`), the
+      params replicated: with the host split into devices by `xla_cpu.split_host`, this is
+      how main.py runs the train step. PyTorch is unchanged.
   """
   if threads not in (None, 1):
     raise ValueError(f'threads must be None (all cores) or 1, got {threads}.')
@@ -121,10 +227,21 @@ def run(quick: bool = False, threads: int | None = None,
   model = model.to(torch_device)
   inputs = _inputs(batch, size)
   torch_inputs = {k: torch.from_numpy(v).to(torch_device) for k, v in inputs.items()}
-  jax_inputs = {k: jnp.asarray(v) for k, v in inputs.items()}
   cotangent = np.random.default_rng(1).standard_normal(
       (batch, CONFIG['out_channels'], size, size)).astype(np.float32)
   torch_cotangent = torch.from_numpy(cotangent).to(torch_device)
+  jax_inputs = {k: jnp.asarray(v) for k, v in dict(inputs, cotangent=cotangent).items()}
+  params, devices = unet.params, 1
+  if split_batch:  # data parallel over the host devices, as main.py runs the train step
+    if len(jax.local_devices()) < 2:
+      raise ValueError('split_batch needs several XLA devices: xla_cpu.split_host(n) before '
+                       'JAX starts (--split_host n)')
+    mesh = xla_cpu.data_mesh(batch)
+    devices = mesh.size
+    jax_inputs = jax.device_put(jax_inputs, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec('data')))
+    params = jax.device_put(params, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
   sync = torch.cuda.synchronize if torch_device == 'cuda' else lambda: None
 
   def torch_forward():
@@ -142,14 +259,15 @@ def run(quick: bool = False, threads: int | None = None,
     sync()
     return sample.grad
 
-  def loss(params, sample):
-    out = unet.module.apply({'params': params}, sample, jax_inputs['timesteps'],
-                            jax_inputs['encoder_hidden_states'])
-    return jnp.sum(out * cotangent)
+  def apply(params, sample, inputs):
+    return unet.module.apply({'params': params}, sample, inputs['timesteps'],
+                             inputs['encoder_hidden_states'])
 
-  grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  jax_forward = lambda: jax.block_until_ready(unet(**jax_inputs))
-  jax_forward_backward = lambda: jax.block_until_ready(grad_fn(unet.params, jax_inputs['sample']))
+  loss = lambda params, sample, inputs: jnp.sum(apply(params, sample, inputs) * inputs['cotangent'])
+  forward_fn, grad_fn = jax.jit(apply), jax.jit(jax.grad(loss, argnums=(0, 1)))
+  jax_forward = lambda: jax.block_until_ready(forward_fn(params, jax_inputs['sample'], jax_inputs))
+  jax_forward_backward = lambda: jax.block_until_ready(
+      grad_fn(params, jax_inputs['sample'], jax_inputs))
 
   results = []
   torch_runs = torch_device == 'cuda' or not accelerator
@@ -160,13 +278,20 @@ def run(quick: bool = False, threads: int | None = None,
     torch_wall, torch_cpu = _median_times(torch_fn, repeats) if torch_runs else (None, None)
     results.append(dict(
         name=name, batch=batch, size=size, threads=threads or os.cpu_count(),
-        jax_s=jax_wall, torch_s=torch_wall,
+        devices=devices, jax_s=jax_wall, torch_s=torch_wall,
         speedup=torch_wall / jax_wall if torch_runs else None,
         jax_cpu_s=jax_cpu, torch_cpu_s=torch_cpu,
         cpu_speedup=torch_cpu / jax_cpu if torch_runs else None))
+  # What the convolutions alone cost: the UNet cannot beat PyTorch by more than
+  # PyTorch's whole time / the time of our convolutions alone.
+  calls = convolution_calls(apply, params, jax_inputs['sample'], jax_inputs)
+  for row, conv_row in zip(results, time_convolutions(calls, repeats, torch_device, torch_runs)):
+    row.update(convolutions=conv_row['count'], convolutions_jax_s=conv_row['jax_s'],
+               convolutions_torch_s=conv_row['torch_s'],
+               speedup_bound=row['torch_s'] / conv_row['jax_s'] if torch_runs else None)
   if unet_bf16 is not None:
     bf16_wall, bf16_cpu = _median_times(
-        lambda: jax.block_until_ready(unet_bf16(**jax_inputs)), repeats)
+        lambda: jax.block_until_ready(unet_bf16(**{k: jax_inputs[k] for k in inputs})), repeats)
     results.append(dict(
         name='unet_forward_bfloat16', batch=batch, size=size,
         threads=threads or os.cpu_count(), jax_s=bf16_wall, torch_s=None, speedup=None,
@@ -182,23 +307,31 @@ def main():
                       help='1: single-threaded JAX and PyTorch (default: all cores)')
   parser.add_argument('--eigen', action='store_true',
                       help='XLA:CPU convolutions on Eigen, not YNNPACK (att3d_jax/xla_cpu.py)')
+  parser.add_argument('--split_host', type=int, default=1,
+                      help='make the CPU this many XLA devices and split the batch over '
+                           'them, as main.py runs the train step (att3d_jax/xla_cpu.py)')
   parser.add_argument('--json', action='store_true', help='print the rows as one JSON line')
   args = parser.parse_args()
+  xla_cpu.split_host(args.split_host)  # no-op where XLA_FLAGS already sets a count
   if args.threads == 1:  # Read by XLA when JAX first runs something, i.e. below.
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_XLA_FLAGS}"
   if args.eigen and not xla_cpu.use_eigen_convolutions():
     sys.exit('--eigen: XLA_FLAGS already sets the flag, or this jaxlib was not measured')
   if args.json:
-    print(json.dumps(run(args.quick, args.threads)))
+    print(json.dumps(run(args.quick, args.threads, split_batch=args.split_host > 1)))
     return
   print(f'jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, '
         f"diffusers {diffusers.__version__}, {os.cpu_count()} cores, OMP_WAIT_POLICY="
         f"{os.environ['OMP_WAIT_POLICY']}, load average {os.getloadavg()[0]:.1f}")
-  for r in run(args.quick, args.threads):
+  for r in run(args.quick, args.threads, split_batch=args.split_host > 1):
     print(f"{r['name']:22s} batch {r['batch']} {r['size']}x{r['size']} threads {r['threads']}: "
           f"wall JAX {r['jax_s'] * 1e3:7.0f} ms, PyTorch {r['torch_s'] * 1e3:7.0f} ms, "
           f"speedup {r['speedup']:5.2f}x | CPU time JAX {r['jax_cpu_s'] * 1e3:7.0f} ms, "
           f"PyTorch {r['torch_cpu_s'] * 1e3:7.0f} ms, ratio {r['cpu_speedup']:5.2f}x")
+    print(f"{'':22s} its {r['convolutions']} convolutions alone: JAX "
+          f"{r['convolutions_jax_s'] * 1e3:7.0f} ms, PyTorch "
+          f"{r['convolutions_torch_s'] * 1e3:7.0f} ms; bound on the speedup "
+          f"(PyTorch's whole UNet / JAX's convolutions) {r['speedup_bound']:5.2f}x")
 
 
 if __name__ == '__main__':

@@ -1,12 +1,15 @@
 """All benchmarks in one run: one table, written to docs/benchmarks.md with machine info.
 
-    python -m benchmarks.run_all            # full sizes (~5 minutes on a 2-core CPU)
+    python -m benchmarks.run_all            # full sizes (~6 minutes on a 2-core CPU)
     python -m benchmarks.run_all --quick    # CI size, writes to --out (default: stdout only)
 
 Rows, each a ratio measured side by side in this run:
   - UNet forward and forward+backward, our Flax port vs diffusers PyTorch
-    (benchmarks/bench_unet.py), with XLA:CPU's default convolutions and, in a
-    subprocess, with Eigen ones (att3d_jax/xla_cpu.py);
+    (benchmarks/bench_unet.py), with XLA:CPU's default convolutions, in a
+    subprocess with Eigen ones (att3d_jax/xla_cpu.py), and with the batch split
+    over the host devices as main.py runs the train step; under each, the UNet's
+    convolutions alone, ours vs PyTorch's, and the bound they put on the UNet's
+    speedup (PyTorch's whole UNet / our convolutions);
   - hash-grid encode forward and backward vs the jnp reference
     (benchmarks/bench_hashgrid.py);
   - the amortized train step of configs/shapes.py with the shipped shapes model:
@@ -181,6 +184,18 @@ def _unet_row(row: dict, variant: str) -> tuple[str, str, str, str]:
           f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms", f"{row['speedup']:.2f}x")
 
 
+def _convolutions_row(row: dict) -> tuple[str, str, str, str]:
+  """The convolutions of a bench_unet measurement alone, and the bound they put on
+  the UNet's speedup: PyTorch's whole pass over our convolutions alone."""
+  return (f"  its {row['convolutions']} convolutions alone; bound = PyTorch's whole "
+          "UNet / our convolutions",
+          f"{1000 * row['convolutions_jax_s']:.0f} ms",
+          f"PyTorch {1000 * row['convolutions_torch_s']:.0f} ms (whole UNet "
+          f"{1000 * row['torch_s']:.0f} ms)",
+          f"{row['convolutions_torch_s'] / row['convolutions_jax_s']:.2f}x "
+          f"(bound {row['speedup_bound']:.2f}x)")
+
+
 def eigen_unet_rows(quick: bool) -> list[dict]:
   """bench_unet's rows with `xla_cpu.use_eigen_convolutions()`, in a subprocess
   (the flag is read once per process, when JAX starts)."""
@@ -213,9 +228,14 @@ def run(quick: bool, accelerator: bool = False) -> list[tuple[str, str, str, str
   unet_runs = [("", bench_unet.run(quick, accelerator=accelerator))]
   if not accelerator:  # the same UNet with XLA:CPU's convolutions on Eigen, side by side
     unet_runs.append((", Eigen convolutions", eigen_unet_rows(quick)))
+    if len(jax.devices()) > 1:  # main() split the host, as main.py does
+      split = bench_unet.run(quick, split_batch=True)
+      unet_runs.append((f", batch split over {split[0]['devices']} host devices", split))
   for variant, rows in unet_runs:
     for row in rows:
       table.append(_unet_row(row, variant))
+      if row.get("convolutions_torch_s") is not None:
+        table.append(_convolutions_row(row))
   hashgrid_rows = bench_hashgrid.run(quick)
   by_pass = {}
   for row in hashgrid_rows:
