@@ -26,13 +26,13 @@ gain. `--split_host 2` splits the CPU into two XLA devices and the batch over th
 main.py runs the train step.
 
 What limits the port on CPU (docs/benchmarks.md, 2026-11-27, batch 4 at 64x64, 2 cores):
-with Eigen convolutions ours take 852 ms forward+backward against PyTorch's 884 ms, so
-the bound is 1.75x, and 1.5x would leave 139 ms for everything else, which PyTorch's
-fused kernels (flash attention, native GroupNorm, GELU) do in ~600 ms and XLA:CPU's loop
-fusions in ~1.6 s (GroupNorm and bias-gradient reductions, the softmax over 1101 keys,
+with Eigen convolutions ours take 774 ms forward+backward against PyTorch's 857 ms, so
+the bound is 2.04x, but 1.5x would leave 278 ms for everything else, which PyTorch's
+fused kernels (flash attention, native GroupNorm, GELU) do in ~720 ms and XLA:CPU's loop
+fusions in ~1.66 s (GroupNorm and bias-gradient reductions, the softmax over 1101 keys,
 GELU, layout copies). With XLA's default YNNPACK convolutions the kernel gradients are
 slow (a 3x3 128-channel conv at 64x64: forward+kernel gradient 92 ms vs 27 ms on Eigen)
-and the bound is 1.16x. Tried and not kept, each measured on this UNet or its largest
+and the bound is 1.14x. Tried and not kept, each measured on this UNet or its largest
 convolution (2026-11-26/27): a custom VJP computing kernel gradients as shifted-input
 matmuls (1.03x); Winograd F(2x2, 3x3) convolutions (the transforms are memory-bound:
 a 64-channel forward 21 ms vs 4.6 ms direct); a custom-VJP GroupNorm with matrix-vector
@@ -40,8 +40,8 @@ reductions (1.32x slower); bias gradients as matrix-vector products (1.03x); XLA
 (fusion emitters off, fast math, the concurrency-optimized scheduler, oneDNN fusions);
 bfloat16 (XLA:CPU has no AMX path: a bf16 matmul runs at 250 GFLOP/s vs 300 in f32,
 while PyTorch's bf16 reaches ~1970 GFLOP/s on this CPU's AMX). Splitting the batch over
-two host devices helps the forward pass, which is what score distillation runs (419 vs
-477 ms, 1.14x), and leaves forward+backward at 0.69x.
+two host devices helps the forward pass, which is what score distillation runs (502 vs
+548 ms, 1.09x), and leaves forward+backward at 0.70x.
 """
 
 import argparse
@@ -129,16 +129,26 @@ def convolution_calls(fn, *args) -> list[dict]:
   return calls
 
 
-def _torch_conv_args(call: dict) -> tuple[tuple, tuple, tuple[int, ...], tuple[int, ...]]:
-  """(NCHW input shape, OIHW kernel shape, stride, F.pad widths) of a conv call."""
+def _torch_conv_args(call: dict) -> dict:
+  """`torch.nn.functional.conv2d` keyword arguments of a conv call, plus `pad`: the
+  `F.pad` widths to apply first where the padding is uneven (None where conv2d's own
+  symmetric padding does it, as in diffusers' layers, without a padded copy)."""
   if (set(call['lhs_dilation']) | set(call['rhs_dilation']) != {1}
       or call['feature_group_count'] != 1 or call['batch_group_count'] != 1):
     raise NotImplementedError(f'only plain convolutions are timed, got {call}')
-  numbers = call['dimension_numbers']  # specs: (batch/out, feature/in, spatial...)
-  lhs_shape = tuple(call['lhs_shape'][i] for i in numbers.lhs_spec)
-  rhs_shape = tuple(call['rhs_shape'][i] for i in numbers.rhs_spec)
+  stride = tuple(call['window_strides'])
+  if all(low == high for low, high in call['padding']):
+    return dict(stride=stride, padding=tuple(low for low, _ in call['padding']), pad=None)
+  # F.pad takes (left, right, top, bottom): the last axis first.
   pad = tuple(width for low, high in reversed(call['padding']) for width in (low, high))
-  return lhs_shape, rhs_shape, tuple(call['window_strides']), pad
+  return dict(stride=stride, padding=0, pad=pad)
+
+
+def torch_conv(x, w, args: dict):
+  """conv2d of NCHW `x` with OIHW `w` and `_torch_conv_args` `args`."""
+  if args['pad'] is not None:
+    x = torch.nn.functional.pad(x, args['pad'])
+  return torch.nn.functional.conv2d(x, w, stride=args['stride'], padding=args['padding'])
 
 
 def time_convolutions(calls: list[dict], repeats: int, torch_device: str = 'cpu',
@@ -167,8 +177,7 @@ def time_convolutions(calls: list[dict], repeats: int, torch_device: str = 'cpu'
   sync = torch.cuda.synchronize if torch_device == 'cuda' else lambda: None
 
   def torch_apply():
-    return [torch.nn.functional.conv2d(torch.nn.functional.pad(x, pad), w, stride=stride)
-            for x, w, (_, _, stride, pad) in zip(torch_lhs, torch_rhs, torch_args)]
+    return [torch_conv(x, w, args) for x, w, args in zip(torch_lhs, torch_rhs, torch_args)]
 
   def torch_forward():
     with torch.no_grad():

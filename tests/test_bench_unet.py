@@ -52,9 +52,8 @@ def test_pytorch_side_computes_the_same_convolutions():
         jnp.asarray(lhs), jnp.asarray(rhs),
         **{k: v for k, v in call.items() if not k.endswith('_shape')})
     numbers = call['dimension_numbers']
-    _, _, stride, pad = bench_unet._torch_conv_args(call)
-    got = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(torch.from_numpy(lhs.transpose(numbers.lhs_spec)), pad),
-        torch.from_numpy(rhs.transpose(numbers.rhs_spec)), stride=stride)
+    got = bench_unet.torch_conv(torch.from_numpy(lhs.transpose(numbers.lhs_spec)),
+                                torch.from_numpy(rhs.transpose(numbers.rhs_spec)),
+                                bench_unet._torch_conv_args(call))
     np.testing.assert_allclose(got.numpy(), np.asarray(expected).transpose(numbers.out_spec),
                                rtol=1e-4, atol=1e-3)
