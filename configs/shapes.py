@@ -101,7 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.distributed = False
   # On a CPU, split it into this many XLA devices (att3d_jax/xla_cpu.py): the
   # batch's data mesh then keeps every core busy (2: 300 vs 361 ms per step on
-  # 2 cores). Must divide batch.prompts_per_step; 1 = off. Read by main.py.
+  # 2 cores). Must divide batch.prompts_per_step; 1 = off. Read by main.py and
+  # by the experiments that train this config (experiments/*).
   config.train.cpu_devices = 2
   # Devices per hypernetwork shard: a 2-D mesh ("data", "model") splits the
   # output layer (and its Adam state) over "model"; 1 = data parallel only.

@@ -43,6 +43,7 @@ from absl import app
 from absl import flags
 import ml_collections
 
+from att3d_jax import xla_cpu
 from experiments import common
 
 PROMPT_SET = "shapes_2400"
@@ -141,9 +142,11 @@ def main(argv):
   if _QUICK.value:
     config = common.quick_config(_CONFIG.value.guidance.path,
                                  {**common.TINY, "eval.max_heldout_prompts": 32})
+    xla_cpu.split_host(config.train.cpu_devices)  # as main.py: both cores train
     rows = run(config, _WORKDIR.value, _SPLITS.value, curve_every=2, num_steps=3,
                budget_min=0.0, eval_views=2)
   else:
+    xla_cpu.split_host(_CONFIG.value.train.cpu_devices)
     rows = run(_CONFIG.value, _WORKDIR.value, _SPLITS.value, _CURVE_EVERY.value,
                _NUM_STEPS.value, _BUDGET_MIN.value, _EVAL_VIEWS.value)
   print(f"{'train':>6s} {'prompts':>8s} {'split':>7s} {'step':>5s} "

@@ -36,6 +36,7 @@ import numpy as np
 
 from att3d_jax import generate
 from att3d_jax import train
+from att3d_jax import xla_cpu
 from att3d_jax.nerf import cameras as cameras_lib
 from experiments import common
 
@@ -135,6 +136,7 @@ def main(argv):
   config = _CONFIG.value
   if _QUICK.value:
     config = common.quick_config(config.guidance.path, common.TINY)
+  xla_cpu.split_host(config.train.cpu_devices)  # as main.py: both cores train
   rows = run(config, _WORKDIR.value, [float(w) for w in _WEIGHTS.value])
   print(f"{'weight':>6s} {'split':>7s} " + " ".join(f"{m:>11s}" for m in common.METRICS))
   for row in rows:

@@ -45,6 +45,7 @@ import numpy as np
 
 from att3d_jax import generate
 from att3d_jax import train
+from att3d_jax import xla_cpu
 from att3d_jax.eval import shapes_eval
 from experiments import common
 
@@ -166,6 +167,7 @@ def main(argv):
   config = _CONFIG.value
   if _QUICK.value:
     config = common.quick_config(config.guidance.path, common.TINY)
+  xla_cpu.split_host(config.train.cpu_devices)  # as main.py: both cores train
   rows = run(config, _WORKDIR.value, _INTERPOLATION.value, num_weights=_NUM_WEIGHTS.value)
   names = ("smoothness_rms", "max_step_rms", "endpoint_iou", "endpoint_color_acc")
   print(f"{'model':>10s} {'pair':>40s} " + " ".join(f"{n:>18s}" for n in names))

@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 import ml_collections
 
+from att3d_jax import xla_cpu
 from experiments import common
 
 
@@ -117,6 +118,7 @@ def main(argv):
   config = _CONFIG.value
   if _QUICK.value:
     config = common.quick_config(_CONFIG.value.guidance.path)
+  xla_cpu.split_host(config.train.cpu_devices)  # as main.py: both cores train
   rows = run(config, _WORKDIR.value, tuple(_KINDS.value),
              2 if _QUICK.value else _CURVE_EVERY.value, _PER_PROMPT_FACTOR.value)
   print(table(rows))
