@@ -23,7 +23,8 @@ forward pass (found in the jaxpr), without bias, forward or vjp (input and kerne
 gradients), JAX vs `torch.nn.functional.conv2d` on the same shapes. PyTorch's whole UNet
 time over our convolutions alone bounds what any change to the rest of the port could
 gain. `--split_host 2` splits the CPU into two XLA devices and the batch over them, as
-main.py runs the train step.
+main.py runs the train step; its rows have no convolutions-alone line (those run on one
+device, so they would repeat the unsplit run's).
 
 What limits the port on CPU (docs/benchmarks.md, 2026-11-27, batch 4 at 64x64, 2 cores):
 with Eigen convolutions ours take 774 ms forward+backward against PyTorch's 857 ms, so
@@ -144,6 +145,12 @@ def _torch_conv_args(call: dict) -> dict:
   return dict(stride=stride, padding=0, pad=pad)
 
 
+def jax_conv(lhs, rhs, call: dict):
+  """The conv call itself on new operands `lhs`, `rhs` of its shapes."""
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, **{k: v for k, v in call.items() if not k.endswith('_shape')})
+
+
 def torch_conv(x, w, args: dict):
   """conv2d of NCHW `x` with OIHW `w` and `_torch_conv_args` `args`."""
   if args['pad'] is not None:
@@ -157,11 +164,9 @@ def time_convolutions(calls: list[dict], repeats: int, torch_device: str = 'cpu'
   input and kernel, fixed random cotangents), JAX vs PyTorch; rows like `run`'s."""
   rng = np.random.default_rng(2)
   normal = lambda shape: rng.standard_normal(shape).astype(np.float32)
-  conv = lambda lhs, rhs, call: jax.lax.conv_general_dilated(lhs, rhs, **{
-      k: v for k, v in call.items() if not k.endswith('_shape')})
   lhs = [jnp.asarray(normal(c['lhs_shape'])) for c in calls]
   rhs = [jnp.asarray(normal(c['rhs_shape'])) for c in calls]
-  apply = lambda lhs, rhs: [conv(x, w, c) for x, w, c in zip(lhs, rhs, calls)]
+  apply = lambda lhs, rhs: [jax_conv(x, w, c) for x, w, c in zip(lhs, rhs, calls)]
   cotangents = [jnp.asarray(normal(y.shape)) for y in apply(lhs, rhs)]
   forward = jax.jit(apply)
   backward = jax.jit(lambda lhs, rhs, cots: jax.vjp(apply, lhs, rhs)[1](cots))
@@ -215,7 +220,8 @@ def run(quick: bool = False, threads: int | None = None, accelerator: bool = Fal
       it, otherwise its columns are None (a CPU PyTorch is no reference for a GPU).
     split_batch: JAX splits the batch over the local XLA devices (`xla_cpu.data_mesh`), the
       params replicated: with the host split into devices by `xla_cpu.split_host`, this is
-      how main.py runs the train step. PyTorch is unchanged.
+      how main.py runs the train step. PyTorch is unchanged. The convolutions-alone
+      measurement (on one device) is left to the unsplit run.
   """
   if threads not in (None, 1):
     raise ValueError(f'threads must be None (all cores) or 1, got {threads}.')
@@ -292,12 +298,15 @@ def run(quick: bool = False, threads: int | None = None, accelerator: bool = Fal
         jax_cpu_s=jax_cpu, torch_cpu_s=torch_cpu,
         cpu_speedup=torch_cpu / jax_cpu if torch_runs else None))
   # What the convolutions alone cost: the UNet cannot beat PyTorch by more than
-  # PyTorch's whole time / the time of our convolutions alone.
-  calls = convolution_calls(apply, params, jax_inputs['sample'], jax_inputs)
-  for row, conv_row in zip(results, time_convolutions(calls, repeats, torch_device, torch_runs)):
-    row.update(convolutions=conv_row['count'], convolutions_jax_s=conv_row['jax_s'],
-               convolutions_torch_s=conv_row['torch_s'],
-               speedup_bound=row['torch_s'] / conv_row['jax_s'] if torch_runs else None)
+  # PyTorch's whole time / the time of our convolutions alone. They run on one
+  # device either way, so split_batch does not time them again.
+  if not split_batch:
+    calls = convolution_calls(apply, params, jax_inputs['sample'], jax_inputs)
+    conv_rows = time_convolutions(calls, repeats, torch_device, torch_runs)
+    for row, conv_row in zip(results, conv_rows):
+      row.update(convolutions=conv_row['count'], convolutions_jax_s=conv_row['jax_s'],
+                 convolutions_torch_s=conv_row['torch_s'],
+                 speedup_bound=row['torch_s'] / conv_row['jax_s'] if torch_runs else None)
   if unet_bf16 is not None:
     bf16_wall, bf16_cpu = _median_times(
         lambda: jax.block_until_ready(unet_bf16(**{k: jax_inputs[k] for k in inputs})), repeats)
@@ -337,6 +346,8 @@ def main():
           f"wall JAX {r['jax_s'] * 1e3:7.0f} ms, PyTorch {r['torch_s'] * 1e3:7.0f} ms, "
           f"speedup {r['speedup']:5.2f}x | CPU time JAX {r['jax_cpu_s'] * 1e3:7.0f} ms, "
           f"PyTorch {r['torch_cpu_s'] * 1e3:7.0f} ms, ratio {r['cpu_speedup']:5.2f}x")
+    if 'convolutions' not in r:
+      continue
     print(f"{'':22s} its {r['convolutions']} convolutions alone: JAX "
           f"{r['convolutions_jax_s'] * 1e3:7.0f} ms, PyTorch "
           f"{r['convolutions_torch_s'] * 1e3:7.0f} ms; bound on the speedup "

@@ -7,9 +7,9 @@ Rows, each a ratio measured side by side in this run:
   - UNet forward and forward+backward, our Flax port vs diffusers PyTorch
     (benchmarks/bench_unet.py), with XLA:CPU's default convolutions, in a
     subprocess with Eigen ones (att3d_jax/xla_cpu.py), and with the batch split
-    over the host devices as main.py runs the train step; under each, the UNet's
-    convolutions alone, ours vs PyTorch's, and the bound they put on the UNet's
-    speedup (PyTorch's whole UNet / our convolutions);
+    over the host devices as main.py runs the train step; under each unsplit
+    row, the UNet's convolutions alone, ours vs PyTorch's, and the bound they
+    put on the UNet's speedup (PyTorch's whole UNet / our convolutions);
   - hash-grid encode forward and backward vs the jnp reference
     (benchmarks/bench_hashgrid.py);
   - the amortized train step of configs/shapes.py with the shipped shapes model:
@@ -164,12 +164,17 @@ def frames_to_iou_row(path: str = QUALITY_VS_COMPUTE_CSV,
           f"from {path})", show(amortized), f"per-prompt {show(per_prompt)}", ratio)
 
 
+def _json_result(command: list[str], env: dict[str, str] | None = None):
+  """Runs a benchmark script in its own process; the JSON of its last output line."""
+  out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def one_device_step_seconds() -> float:
   """bench_train_step's median step time with the CPU as one XLA device."""
   env = dict(os.environ, XLA_FLAGS=f"{xla_cpu.HOST_DEVICES_FLAG}=1")
-  out = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_train_step.py")],
-                       check=True, capture_output=True, text=True, env=env)
-  return json.loads(out.stdout.strip().splitlines()[-1])["step_ms"] / 1000.0
+  return _json_result([sys.executable, os.path.join("benchmarks", "bench_train_step.py")],
+                      env)["step_ms"] / 1000.0
 
 
 # The first version of the amortized train step (issue 9's "before").
@@ -193,11 +198,9 @@ def train_step_against_first_version(runs: int = 3) -> tuple[list[dict], list[di
       results = {first: [], ".": []}
       for _ in range(runs):
         for repo in results:
-          out = subprocess.run(
+          results[repo].append(_json_result(
               [sys.executable, os.path.join("benchmarks", "bench_train_step.py"),
-               f"--repo={repo}", "--guidance_path=weights/shapes"],
-              check=True, capture_output=True, text=True, env=env)
-          results[repo].append(json.loads(out.stdout.strip().splitlines()[-1]))
+               f"--repo={repo}", "--guidance_path=weights/shapes"], env))
     finally:
       subprocess.run(["git", "worktree", "remove", "--force", first], capture_output=True)
   return results["."], results[first]
@@ -233,9 +236,7 @@ def eigen_unet_rows(quick: bool) -> list[dict]:
   """bench_unet's rows with `xla_cpu.use_eigen_convolutions()`, in a subprocess
   (the flag is read once per process, when JAX starts)."""
   command = [sys.executable, "-m", "benchmarks.bench_unet", "--eigen", "--json"]
-  out = subprocess.run(command + (["--quick"] if quick else []), check=True,
-                       capture_output=True, text=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return _json_result(command + (["--quick"] if quick else []))
 
 
 def cli_startup_seconds() -> tuple[float, float]:

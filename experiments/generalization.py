@@ -139,15 +139,16 @@ def plot(rows: Sequence[dict], path: pathlib.Path) -> None:
 
 def main(argv):
   del argv
+  config = _CONFIG.value
   if _QUICK.value:
-    config = common.quick_config(_CONFIG.value.guidance.path,
+    config = common.quick_config(config.guidance.path,
                                  {**common.TINY, "eval.max_heldout_prompts": 32})
-    xla_cpu.split_host(config.train.cpu_devices)  # as main.py: both cores train
+  xla_cpu.split_host(config.train.cpu_devices)  # as main.py: both cores train
+  if _QUICK.value:
     rows = run(config, _WORKDIR.value, _SPLITS.value, curve_every=2, num_steps=3,
                budget_min=0.0, eval_views=2)
   else:
-    xla_cpu.split_host(_CONFIG.value.train.cpu_devices)
-    rows = run(_CONFIG.value, _WORKDIR.value, _SPLITS.value, _CURVE_EVERY.value,
+    rows = run(config, _WORKDIR.value, _SPLITS.value, _CURVE_EVERY.value,
                _NUM_STEPS.value, _BUDGET_MIN.value, _EVAL_VIEWS.value)
   print(f"{'train':>6s} {'prompts':>8s} {'split':>7s} {'step':>5s} "
         + " ".join(f"{m:>11s}" for m in common.METRICS))
