@@ -28,13 +28,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from att3d_jax import build as build_lib
+from att3d_jax import checkpoints
 from att3d_jax import compilation_cache
-from att3d_jax import train
+from att3d_jax import prompt_data
 from att3d_jax.amortize import model as model_lib
+from att3d_jax.guidance import base as guidance_base
 from att3d_jax.nerf import cameras as cameras_lib
 from att3d_jax.nerf import mesh as mesh_lib
 from att3d_jax.nerf import render as render_lib
 from att3d_jax.nerf import turntable
+from att3d_jax.shapes import prompt_sets
+from att3d_jax.shapes import scenes
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO_ROOT / "weights" / "att3d_shapes"
@@ -46,15 +51,8 @@ class TrainedModel(NamedTuple):
   model: model_lib.ATT3DModel
   params: dict
   stats: dict
-  guidance: train.Guidance
+  guidance: guidance_base.Guidance
   train_prompts: list[str]
-
-
-def _template(config, guidance_dim: int, num_train: int):
-  model = model_lib.ATT3DModel.from_config(config, num_train_prompts=num_train,
-                                           embedding_dim=guidance_dim)
-  state, _ = train.init_state(config, model, np.zeros((1, guidance_dim), np.float32))
-  return model, state
 
 
 def export_model(workdir: str, out_dir: str) -> pathlib.Path:
@@ -77,27 +75,25 @@ def load_trained(path: str, guidance_path: Optional[str] = None) -> TrainedModel
   config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
   if guidance_path:
     config.guidance.path = guidance_path
-  elif config.guidance.kind == "shapes" and not os.path.isabs(config.guidance.path):
-    # Relative model paths are relative to the repository (where training ran).
-    if not os.path.isdir(config.guidance.path):
-      config.guidance.path = str(REPO_ROOT / config.guidance.path)
-  guidance = train.load_guidance(config)
-  train_prompts = train.load_prompts(config).train
-  dim = guidance.embed(train_prompts[:1]).shape[1]
-  model, state = _template(config, dim, len(train_prompts))
+  elif (config.guidance.path and not os.path.isabs(config.guidance.path)
+        and not os.path.isdir(config.guidance.path)):
+    # A relative model path is relative to the repository (where training ran).
+    config.guidance.path = str(REPO_ROOT / config.guidance.path)
+  built = build_lib.build(config, for_training=False)
+  model, state = built.model, built.state
   if (path / PARAMS_FILE).is_file():
     restored = flax.serialization.from_bytes({"params": state["params"], "stats": state["stats"]},
                                              (path / PARAMS_FILE).read_bytes())
     params, stats = restored["params"], restored["stats"]
-  elif (path / train.CHECKPOINT_DIR).is_dir():
-    manager = train.checkpoint_manager(path, config.train.keep_checkpoints)
-    restored = train.restore_latest(manager, state)
+  elif (path / checkpoints.CHECKPOINT_DIR).is_dir():
+    manager = checkpoints.checkpoint_manager(path, config.train.keep_checkpoints)
+    restored = checkpoints.restore_latest(manager, state)
     if int(restored["step"]) == 0:
-      raise FileNotFoundError(f"no readable checkpoint under {path / train.CHECKPOINT_DIR}")
+      raise FileNotFoundError(f"no readable checkpoint under {path / checkpoints.CHECKPOINT_DIR}")
     params, stats = restored["params"], restored["stats"]
   else:
-    raise FileNotFoundError(f"{path} holds neither {PARAMS_FILE} nor {train.CHECKPOINT_DIR}/")
-  return TrainedModel(config, model, params, stats, guidance, train_prompts)
+    raise FileNotFoundError(f"{path} holds neither {PARAMS_FILE} nor {checkpoints.CHECKPOINT_DIR}/")
+  return TrainedModel(config, model, params, stats, built.guidance, built.prompt_set.train)
 
 
 def describe_prompt(trained: TrainedModel, prompt: str) -> str:
@@ -106,8 +102,8 @@ def describe_prompt(trained: TrainedModel, prompt: str) -> str:
     raise ValueError("empty prompt: pass --prompt with some text")
   if prompt in trained.train_prompts:
     return "seen"
-  if trained.config.guidance.kind == "shapes":
-    from att3d_jax.shapes import scenes  # pylint: disable=g-import-not-at-top
+  prompts = trained.config.prompts
+  if not prompts.get("file") and prompts.set in prompt_sets.PROMPT_SETS:  # shapes grammar
     try:
       scenes.parse_prompt(prompt)
     except ValueError:
@@ -123,9 +119,10 @@ class Generator:
     config, model = trained.config, trained.model
     self.image_size = image_size
     self.distance, self.fov = config.eval.distance, config.eval.fov_y_deg
-    if config.mapping.kind == "per_prompt":
-      raise ValueError("a per_prompt model has no mapping network: it cannot generate "
-                       "new prompts; train with mapping.kind=hypernet or concat")
+    if not model.mapping.generalizes:
+      raise ValueError(f"a mapping.kind={config.mapping.kind!r} model does not read the "
+                       "text: it cannot generate new prompts; train with "
+                       "mapping.kind=hypernet or concat")
 
     @jax.jit
     def mapping(mapping_input):
@@ -148,7 +145,7 @@ class Generator:
     embeddings = self.trained.guidance.embed(prompts)
     weights = np.full(len(prompts), 1.0 / len(prompts)) if weights is None else weights
     mixed = np.einsum("k,kd->d", weights.astype(np.float32), embeddings)[None]
-    return train.mapping_inputs(self.trained.config, mixed)
+    return prompt_data.mapping_inputs(self.trained.config, mixed)
 
   def cameras(self, azimuths_deg, elevation_deg: float = 20.0) -> cameras_lib.Cameras:
     azimuths = jnp.deg2rad(jnp.asarray(azimuths_deg, jnp.float32))

@@ -23,6 +23,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from att3d_jax import compilation_cache
+from att3d_jax import sharding
 from att3d_jax import train
 from att3d_jax import xla_cpu
 
@@ -42,7 +43,7 @@ def main(argv):
   xla_cpu.split_host(_CONFIG.value.train.cpu_devices)  # before the first computation
   compilation_cache.enable(_COMPILATION_CACHE.value)
   if _CONFIG.value.train.distributed:  # before anything touches a device
-    train.initialize_distributed()
+    sharding.initialize_distributed()
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   summary = {key: results.get(key) for key in ("frames_per_prompt", "train", "heldout",
                                                "preempted", "step") if key in results}

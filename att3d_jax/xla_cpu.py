@@ -8,23 +8,17 @@ importing the project does not). Accelerator backends ignore them.
 `split_host(n)` makes the CPU n XLA devices, so that the train step's data mesh
 runs its halves of the batch side by side: much of rendering (gathers,
 scatter-adds, elementwise fusions) runs on one thread per program, and two
-programs keep both cores busy. The default train step on the project's 2-core
-CPU: 300 ms with 2 host devices vs 361 ms with one (run_all's side-by-side row,
-docs/benchmarks.md). The shapes-diffusion trainer splits its batch the same
-way (`data_mesh`): 1.01 vs 1.27 s per batch-32 step, with Eigen convolutions
-in both (one-off timings, 2026-11-27).
+programs keep both cores busy (run_all's side-by-side row, docs/benchmarks.md).
+The shapes-diffusion trainer splits its batch the same way (`data_mesh`).
 
 `use_eigen_convolutions()` turns off XLA:CPU's YNNPACK fusions (jaxlib 0.10's
 default for convolutions and large dots) so that they run on XLA's Eigen
-kernels, which use every core. On the project's 2-core CPU that makes the
-shapes guidance UNet's forward pass, which every SDS step runs, ~1.5x faster
-(batch 32: 238 -> 154 ms) and its forward+backward, what the shapes-diffusion
-trainer runs, ~1.15x (one-off timings, 2026-11-26); benchmarks/run_all.py
-measures the IF-style UNet both ways side by side. The trainer and the
-sampler/judge use it. The train step gains less from
-it (0.37 s) than from split_host, and the two together are no faster than
-split_host alone, so main.py splits the host only; the diffusion trainer,
-dominated by convolutions, uses both. The flag is experimental, so
+kernels, which use every core: faster convolutions for the UNet's forward and
+backward passes (benchmarks/run_all.py measures the IF-style UNet both ways
+side by side; docs/design.md, History, has the one-off timings). The
+shapes-diffusion trainer and the sampler/judge use it; the train step gains
+more from split_host, and the two together are no faster than split_host
+alone, so main.py splits the host only. The flag is experimental, so
 it is set only on the jaxlib versions it was measured with (an unknown flag
 aborts XLA); elsewhere XLA's defaults stay.
 """

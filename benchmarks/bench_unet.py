@@ -26,23 +26,7 @@ gain. `--split_host 2` splits the CPU into two XLA devices and the batch over th
 main.py runs the train step; its rows have no convolutions-alone line (those run on one
 device, so they would repeat the unsplit run's).
 
-What limits the port on CPU (docs/benchmarks.md, 2026-11-27, batch 4 at 64x64, 2 cores):
-with Eigen convolutions ours take 774 ms forward+backward against PyTorch's 857 ms, so
-the bound is 2.04x, but 1.5x would leave 278 ms for everything else, which PyTorch's
-fused kernels (flash attention, native GroupNorm, GELU) do in ~720 ms and XLA:CPU's loop
-fusions in ~1.66 s (GroupNorm and bias-gradient reductions, the softmax over 1101 keys,
-GELU, layout copies). With XLA's default YNNPACK convolutions the kernel gradients are
-slow (a 3x3 128-channel conv at 64x64: forward+kernel gradient 92 ms vs 27 ms on Eigen)
-and the bound is 1.14x. Tried and not kept, each measured on this UNet or its largest
-convolution (2026-11-26/27): a custom VJP computing kernel gradients as shifted-input
-matmuls (1.03x); Winograd F(2x2, 3x3) convolutions (the transforms are memory-bound:
-a 64-channel forward 21 ms vs 4.6 ms direct); a custom-VJP GroupNorm with matrix-vector
-reductions (1.32x slower); bias gradients as matrix-vector products (1.03x); XLA flags
-(fusion emitters off, fast math, the concurrency-optimized scheduler, oneDNN fusions);
-bfloat16 (XLA:CPU has no AMX path: a bf16 matmul runs at 250 GFLOP/s vs 300 in f32,
-while PyTorch's bf16 reaches ~1970 GFLOP/s on this CPU's AMX). Splitting the batch over
-two host devices helps the forward pass, which is what score distillation runs (502 vs
-548 ms, 1.09x), and leaves forward+backward at 0.70x.
+What limits the port on CPU, and what was tried and not kept: docs/design.md, History.
 """
 
 import argparse

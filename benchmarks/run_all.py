@@ -14,9 +14,7 @@ Rows, each a ratio measured side by side in this run:
     (benchmarks/bench_hashgrid.py);
   - the amortized train step of configs/shapes.py with the shipped shapes model:
     rendered frames/s with the CPU split into config.train.cpu_devices XLA
-    devices as main.py does, the same step on one device (a subprocess), against
-    its first version (bench_train_step on a temporary git worktree of
-    FIRST_TRAIN_STEP_VERSION and on this checkout, alternately; full mode), the
+    devices as main.py does, the same step on one device (a subprocess), the
     time split into its parts (mapping network, render forward+backward,
     guidance UNet forward, optimizer) each timed as its own jitted function on
     one device, and achieved FLOP/s (XLA's cost analysis of the compiled
@@ -53,11 +51,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from att3d_jax import train
+from att3d_jax import build
+from att3d_jax import prompt_data
+from att3d_jax import sharding
 from att3d_jax import xla_cpu
 from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
-from benchmarks import bench_train_step
 from configs import shapes as shapes_config
 from experiments import common
 
@@ -84,8 +83,12 @@ def matmul_peak(quick: bool) -> float:
 def train_step_profile(quick: bool) -> dict:
   """Frames/s of the shapes train step, its parts, and its FLOP/s."""
   config = shapes_config.get_config("quick" if quick else None)
-  guidance, tables, model, state, mesh, step_fn, optimizer = bench_train_step.build_step(config)
-  batch = jax.device_put(train.sample_batch(config, tables, 0), train.data_sharding(mesh))
+  built = build.build(config)
+  guidance, tables, model, state, mesh, step_fn, optimizer = (
+      built.guidance, built.train_tables, built.model, built.state, built.mesh,
+      built.train_step, built.optimizer)
+  batch = jax.device_put(prompt_data.sample_batch(config, tables, 0),
+                         sharding.data_sharding(mesh))
   key = jax.random.key(0)
   compiled = step_fn.lower(state, batch, key).compile()
   flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
@@ -177,35 +180,6 @@ def one_device_step_seconds() -> float:
                       env)["step_ms"] / 1000.0
 
 
-# The first version of the amortized train step (issue 9's "before").
-FIRST_TRAIN_STEP_VERSION = "e397c91"
-
-
-def train_step_against_first_version(runs: int = 3) -> tuple[list[dict], list[dict]] | None:
-  """bench_train_step on this checkout and on FIRST_TRAIN_STEP_VERSION (a temporary
-  git worktree), alternately `runs` times each, every run its own process with only
-  the XLA flags it sets itself. Returns (now, first) result lists, or None where git
-  or that commit is not at hand."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  with tempfile.TemporaryDirectory() as folder:
-    first = os.path.join(folder, FIRST_TRAIN_STEP_VERSION)
-    try:
-      subprocess.run(["git", "worktree", "add", "--detach", first, FIRST_TRAIN_STEP_VERSION],
-                     check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError):
-      return None
-    try:
-      results = {first: [], ".": []}
-      for _ in range(runs):
-        for repo in results:
-          results[repo].append(_json_result(
-              [sys.executable, os.path.join("benchmarks", "bench_train_step.py"),
-               f"--repo={repo}", "--guidance_path=weights/shapes"], env))
-    finally:
-      subprocess.run(["git", "worktree", "remove", "--force", first], capture_output=True)
-  return results["."], results[first]
-
-
 def _unet_row(row: dict, variant: str) -> tuple[str, str, str, str]:
   """One bench_unet measurement as a table row; `variant` names the XLA setting."""
   kind = row['name'].removeprefix('unet_').replace('_', '+').replace('+bf', ' bf')
@@ -290,18 +264,9 @@ def run(quick: bool, accelerator: bool = False) -> list[tuple[str, str, str, str
     one_device = one_device_step_seconds()
     table.append((f"  the same step on one host device (main.py splits the CPU into "
                   f"{len(jax.devices())}: config.train.cpu_devices)",
-                  f"{1000 * profile['step_s']:.0f} ms/step", f"one device {1000 * one_device:.0f} ms",
+                  f"{1000 * profile['step_s']:.0f} ms/step",
+                  f"one device {1000 * one_device:.0f} ms",
                   f"{one_device / profile['step_s']:.2f}x"))
-    against_first = train_step_against_first_version()
-    if against_first is not None:
-      now, first = ([run["step_ms"] for run in runs] for runs in against_first)
-      frames = [run["frames_per_s"] for run in against_first[0]]
-      table.append((f"  the same step against its first version ({FIRST_TRAIN_STEP_VERSION}), "
-                    "benchmarks/bench_train_step.py alternately, ms/step of each run",
-                    f"{' / '.join(f'{ms:.0f}' for ms in now)} ms "
-                    f"({' / '.join(f'{f:.1f}' for f in frames)} frames/s)",
-                    f"first version {' / '.join(f'{ms:.0f}' for ms in first)} ms",
-                    f"{statistics.median(first) / statistics.median(now):.2f}x"))
   for part, seconds in profile["parts_s"].items():
     table.append((f"  part: {part}", f"{1000 * seconds:.0f} ms",
                   f"step {1000 * profile['step_s']:.0f} ms",

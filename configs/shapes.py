@@ -23,8 +23,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prompts = ml_collections.ConfigDict()
   config.prompts.set = "shapes_pig64"  # att3d_jax/data/prompts/<set>/{train,heldout}.txt
   config.prompts.split = "100%"  # train split (shapes_2400: 12.5% | 50% | 100%)
+  # A text file of prompts, one per line, all trained (none held out); when
+  # set it replaces prompts.set and prompts.split.
+  config.prompts.file = ""
 
-  # The frozen text-to-image model (att3d_jax/train.py load_guidance).
+  # The frozen text-to-image model (att3d_jax/guidance/base.py; kind "shapes":
+  # att3d_jax/shapes/diffusion.py).
   config.guidance = ml_collections.ConfigDict()
   config.guidance.kind = "shapes"  # the embedded shapes-world model
   config.guidance.path = "weights/shapes"  # its diffusers-format folder
@@ -34,12 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The weight's share of the mapping input's norm, relative to the text's (amortize/model.py).
   config.guidance.scale_input_share = 0.5
   config.guidance.t_range = (0.02, 0.98)  # SDS timesteps, fractions of the schedule
-  # t_max anneals linearly to this over training. With the shipped guidance
-  # model (2026-11-27), quality peaks while t_max is still high and falls as it
-  # nears 0.5: a 750-step run annealing to 0.5 scored seen / held-out IoU
-  # 0.868 / 0.876 at step 500 and 0.850 / 0.843 at its end (2000 steps: 0.824
-  # / 0.804). 500 steps ending at 0.66 (the same schedule stopped there) end at
-  # 0.868 / 0.876, R-precision 0.964 / 0.875.
+  # t_max anneals linearly to this over training; with the shipped guidance
+  # model quality falls as t_max nears 0.5 (docs/design.md, History).
   config.guidance.t_max_final = 0.66
   config.guidance.weighting = "sds"  # w(t) = 1 - alpha_bar
 
@@ -57,11 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.hashgrid.max_resolution = 48
   config.field.hidden_width = 32
   # Empty-space skipping (nerf/render.py proposal_edges): 12 gradient-free
-  # samples per ray find the surface, 12 rendered ones sample it. Validated
-  # with the previous guidance model and 2000-step schedule: same quality as 48
-  # evenly spaced samples (seen / held-out IoU
-  # 0.751 / 0.763 vs 0.751 / 0.761; 16 + 16: 0.750 / 0.768) at half the step
-  # time (README, Benchmarks).
+  # samples per ray find the surface, 12 rendered ones sample it: the quality
+  # of 48 evenly spaced samples at half the step time (docs/design.md, History).
   config.render.num_samples = 12
   config.render.num_proposal = 12
   config.render.shading = "albedo"  # the guidance model's images bake the light
@@ -84,6 +81,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.b2 = 0.99
   config.optim.eps = 1e-15
   config.optim.grad_clip_norm = 0.0  # 0 = no clipping
+  # Both learning rates decay (cosine over train.num_steps) to this fraction of
+  # themselves; 1 = constant.
+  config.optim.lr_final_fraction = 1.0
+  # Per rendered pixel, on its opacity (sparsity: SDS pays nothing for density
+  # colored like the background); 0 = off.
+  config.optim.opacity_penalty = 0.0
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 500  # 143 rendered frames per prompt (see t_max_final)
@@ -96,13 +99,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.sample_every = 500  # preview PNG in workdir/samples; 0 = never
   config.train.max_nan_streak = 20  # abort after this many consecutive skipped steps
   config.train.progress_bar = True
-  # Multi-host: jax.distributed.initialize() first (att3d_jax/train.py
+  # Multi-host: jax.distributed.initialize() first (att3d_jax/sharding.py
   # initialize_distributed); the batch is sharded over every process's devices.
   config.train.distributed = False
   # On a CPU, split it into this many XLA devices (att3d_jax/xla_cpu.py): the
-  # batch's data mesh then keeps every core busy (2: 300 vs 361 ms per step on
-  # 2 cores). Must divide batch.prompts_per_step; 1 = off. Read by main.py and
-  # by the experiments that train this config (experiments/*).
+  # batch's data mesh then keeps every core busy. Must divide
+  # batch.prompts_per_step; 1 = off. Read by main.py and by the experiments
+  # that train this config (experiments/*).
   config.train.cpu_devices = 2
   # Devices per hypernetwork shard: a 2-D mesh ("data", "model") splits the
   # output layer (and its Adam state) over "model"; 1 = data parallel only.

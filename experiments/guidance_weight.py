@@ -7,7 +7,7 @@ amortized model is trained on `shapes_pig64` with guidance.amortize_scale=True
 (weights uniform in guidance.scale_range); then, with the weight fed to the
 mapping network set to each of --weights in turn, its training and held-out
 prompts are scored against ground truth over the evaluation views (the
-training run's own evaluation, train.evaluate) and a few are rendered.
+training run's own evaluation, evaluation.evaluate) and a few are rendered.
 
   python -m experiments.guidance_weight --workdir=runs/guidance_weight
   python -m experiments.guidance_weight --quick --workdir=/tmp/guidance_weight  # CI size
@@ -34,8 +34,9 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from att3d_jax import evaluation
 from att3d_jax import generate
-from att3d_jax import train
+from att3d_jax import prompt_data
 from att3d_jax import xla_cpu
 from att3d_jax.nerf import cameras as cameras_lib
 from experiments import common
@@ -72,14 +73,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   run_dir = workdir / "model"
   results = common.train_model(config, run_dir)
   trained = generate.load_trained(str(run_dir))
-  prompt_set = train.load_prompts(trained.config)
-  train_tables = train.prompt_tables(trained.guidance, prompt_set.train)
-  heldout_tables = train.prompt_tables(trained.guidance, prompt_set.heldout)
+  prompt_set = prompt_data.load_prompts(trained.config)
+  train_tables = prompt_data.prompt_tables(trained.guidance, prompt_set.train)
+  heldout_tables = prompt_data.prompt_tables(trained.guidance, prompt_set.heldout)
   rows = []
   for weight in weights:
-    scores = train.evaluate(common.variant(trained.config, {"guidance.scale": float(weight)}),
-                            trained.model, trained.guidance, trained.params, trained.stats,
-                            train_tables, heldout_tables, results["frames_per_prompt"])
+    scores = evaluation.evaluate(
+        common.variant(trained.config, {"guidance.scale": float(weight)}), trained.model,
+        trained.guidance, trained.params, trained.stats, train_tables, heldout_tables,
+        results["frames_per_prompt"])
     for split in ("train", "heldout"):
       rows.append({"weight": float(weight), "split": split, "steps": results["steps"],
                    "frames_per_prompt": results["frames_per_prompt"],
@@ -91,8 +93,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   return rows
 
 
-def save_strip(trained: generate.TrainedModel, train_tables: train.PromptTables,
-               heldout_tables: train.PromptTables, weights: Sequence[float],
+def save_strip(trained: generate.TrainedModel, train_tables: prompt_data.PromptTables,
+               heldout_tables: prompt_data.PromptTables, weights: Sequence[float],
                path: pathlib.Path) -> None:
   """Renders of a few seen and unseen prompts from one view, one column per weight."""
   config = trained.config
@@ -104,12 +106,12 @@ def save_strip(trained: generate.TrainedModel, train_tables: train.PromptTables,
   elevation, azimuth = np.deg2rad(STRIP_VIEW)
   camera = cameras_lib.orbit_cameras(np.array([elevation]), np.array([azimuth]),
                                      config.eval.distance, np.deg2rad(config.eval.fov_y_deg))
-  render = train.make_render_prompts(trained.model, trained.guidance.background_color,
-                                     config.camera.height, config.camera.width)
+  render = evaluation.make_render_prompts(trained.model, trained.guidance.background_color,
+                                          config.camera.height, config.camera.width)
   index = np.zeros((len(prompts),), np.int32)  # the mapping network ignores it
   columns = [render(trained.params, trained.stats,
-                    train.mapping_inputs(config, embedding,
-                                         np.full((len(prompts),), weight, np.float32)),
+                    prompt_data.mapping_inputs(config, embedding,
+                                               np.full((len(prompts),), weight, np.float32)),
                     index, camera)["rgb"][:, 0] for weight in weights]  # each [P, H, W, 3]
   frames = np.stack(columns, axis=1)  # [P, num_weights, H, W, 3]
   common.save_image_rows(list(zip(labels, frames)), [f"w={w:g}" for w in weights], path,

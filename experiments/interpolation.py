@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from att3d_jax import generate
-from att3d_jax import train
+from att3d_jax import prompt_data
 from att3d_jax import xla_cpu
 from att3d_jax.eval import shapes_eval
 from experiments import common
@@ -62,7 +62,7 @@ def path_inputs(generator: generate.Generator, prompt_a: str, prompt_b: str,
   """Mapping inputs of (1 - a) c_A + a c_B for each a in weights [N]: [N, D(+1)]."""
   embedding = generator.trained.guidance.embed([prompt_a, prompt_b])  # [2, D]
   mixed = (1.0 - weights)[:, None] * embedding[0] + weights[:, None] * embedding[1]
-  return train.mapping_inputs(generator.trained.config, mixed)
+  return prompt_data.mapping_inputs(generator.trained.config, mixed)
 
 
 def render_inputs(generator: generate.Generator, inputs: np.ndarray, cameras) -> dict:

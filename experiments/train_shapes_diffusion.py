@@ -10,8 +10,9 @@ renderer is jnp), so every step sees fresh scenes and views.
   python -m experiments.train_shapes_diffusion --config=configs/shapes_diffusion.py \
       --workdir=runs/shapes_diffusion --export=weights/shapes
 
-Resumes from --workdir/checkpoint.msgpack; --init_from=weights/shapes continues
-from the shipped weights in a fresh workdir (fresh optimizer). With --export, writes the EMA
+Resumes from --workdir/checkpoints/ (orbax, att3d_jax/checkpoints.py, as the
+ATT3D loop); --init_from=weights/shapes continues from the shipped weights in a
+fresh workdir (fresh optimizer). With --export, writes the EMA
 weights as a diffusers folder (unet/, scheduler/, text_encoder.json) loadable
 by diffusers in PyTorch and by `att3d_jax.guidance.load_unet`.
 """
@@ -24,7 +25,6 @@ import time
 
 from absl import app
 from absl import flags
-import flax.serialization
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -36,6 +36,7 @@ import numpy as np
 import optax
 import tqdm
 
+from att3d_jax import checkpoints
 from att3d_jax import xla_cpu
 from att3d_jax.guidance import minilm
 from att3d_jax.guidance import schedule
@@ -46,8 +47,6 @@ from att3d_jax.shapes import diffusion
 from att3d_jax.shapes import gt_render
 from att3d_jax.shapes import scenes
 
-
-CHECKPOINT_NAME = "checkpoint.msgpack"
 NUM_VIEWS = len(cameras_lib.VIEW_LABELS)
 
 
@@ -164,22 +163,6 @@ def learning_rate_schedule(config) -> optax.Schedule:
   return optax.join_schedules([constant, decay], [config.lr_decay_start])
 
 
-def save_checkpoint(path: pathlib.Path, state, step: int) -> None:
-  """Atomic: write a temporary file, then rename over the old checkpoint."""
-  payload = flax.serialization.to_bytes({"state": state, "step": step})
-  tmp = path.with_suffix(".tmp")
-  tmp.write_bytes(payload)
-  os.replace(tmp, path)
-
-
-def restore_checkpoint(path: pathlib.Path, state):
-  if not path.exists():
-    return state, 0
-  restored = flax.serialization.from_bytes({"state": state, "step": 0}, path.read_bytes())
-  print(f"resumed from {path} at step {int(restored['step'])}", flush=True)
-  return restored["state"], int(restored["step"])
-
-
 def preview_grid(module, params, encoder, alphas_cumprod, config, path, key) -> None:
   """DDIM samples of the 8x8 color x shape prompts (front view), one row per color."""
   prompts = [scenes.prompt_of(scenes.Scene(color, shape))
@@ -243,12 +226,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
   # A copy: the step donates its state, and one buffer cannot be donated twice.
   state = {"params": init_params, "ema_params": jax.tree.map(jnp.copy, init_params),
            "opt_state": optimizer.init(init_params)}
-  checkpoint = workdir / CHECKPOINT_NAME
-  state, start_step = restore_checkpoint(checkpoint, state)
   mesh = xla_cpu.data_mesh(config.batch_size)
   print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} "
         "device(s)", flush=True)
   state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+  manager = checkpoints.checkpoint_manager(workdir, keep=2)
+  restored = checkpoints.restore_latest(manager, {"step": jnp.int32(0), "state": state})
+  state, start_step = restored["state"], int(restored["step"])
   train_step = make_train_step(config, module, optimizer, scene_table,
                                conditioning_table, alphas_cumprod,
                                jax.random.fold_in(root_key, 1), focus_prompt_indices(prompts),
@@ -268,7 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
       log.write(json.dumps({"step": done, "seconds": time.time() - start, **metrics}) + "\n")
       log.flush()
     if done % config.checkpoint_every == 0:
-      save_checkpoint(checkpoint, state, done)
+      checkpoints.save(manager, done, {"step": jnp.int32(done), "state": state})
     if config.sample_every and done % config.sample_every == 0:
       preview_grid(module, state["ema_params"], encoder, alphas_cumprod, config,
                    workdir / f"samples_{done:06d}.png", jax.random.fold_in(root_key, 2))
@@ -278,7 +262,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
   else:
     done = max(start_step, config.num_steps)
   progress.close()
-  save_checkpoint(checkpoint, state, done)
+  if manager.latest_step() != done:
+    checkpoints.save(manager, done, {"step": jnp.int32(done), "state": state}, force=True)
+  manager.wait_until_finished()
   preview_grid(module, state["ema_params"], encoder, alphas_cumprod, config,
                workdir / "samples_final.png", jax.random.fold_in(root_key, 2))
   if export_dir:

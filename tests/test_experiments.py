@@ -14,7 +14,7 @@ from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
-from att3d_jax import train
+from att3d_jax import prompt_data
 from att3d_jax.shapes import diffusion
 from experiments import common
 from experiments import generalization
@@ -118,11 +118,13 @@ def test_quality_vs_compute_table_reads_budgets_and_ratios():
   assert "| 200 | - | - | 0.700 |" in lines[5]
   # Final per-prompt IoU 0.7 (200 frames): hypernet seen crosses it at 0.2 / 0.4 of 50
   # frames, unseen at 50, per-prompt itself first at 2/3 of 100.
-  final = lines.index(next(l for l in lines if "baseline's final seen IoU (0.700" in l))
+  final = lines.index(next(line for line in lines
+                           if "baseline's final seen IoU (0.700" in line))
   assert lines[final + 2:final + 5] == ["- hypernet seen: 25 (12% of the baseline's)",
                                         "- hypernet unseen: 50 (25% of the baseline's)",
                                         "- per_prompt seen: 67 (33% of the baseline's)"]
-  best = lines.index(next(l for l in lines if "baseline's best seen IoU (0.800" in l))
+  best = lines.index(next(line for line in lines
+                          if "baseline's best seen IoU (0.800" in line))
   assert lines[best + 2:best + 5] == ["- hypernet seen: 38 (38% of the baseline's)",
                                       "- hypernet unseen: not reached",
                                       "- per_prompt seen: 100 (100% of the baseline's)"]
@@ -131,8 +133,8 @@ def test_quality_vs_compute_table_reads_budgets_and_ratios():
 def test_generalization(tiny_config, tmp_path, monkeypatch):
   # shapes_2400 at 1/125 of its size (the splits stay nested prefixes: 2 and 16
   # prompts), 4 held-out prompts: the experiment's logic at CI cost.
-  load_prompts = train.load_prompts
-  monkeypatch.setattr(train, "load_prompts", lambda config: (lambda s: s._replace(
+  load_prompts = prompt_data.load_prompts
+  monkeypatch.setattr(prompt_data, "load_prompts", lambda config: (lambda s: s._replace(
       train=s.train[:len(s.train) // 125], heldout=s.heldout[:4]))(load_prompts(config)))
   rows = generalization.run(tiny_config, str(tmp_path), ("12.5%", "100%"), curve_every=2,
                             num_steps=3, budget_min=0.0, eval_views=2)

@@ -190,7 +190,7 @@ def test_render_views_batches_cameras_scenes_and_chunks_without_retracing():
   encoded = scenes.encode_scenes([scenes.parse_prompt(p) for p in prompts])
   singles = []
   for index in range(len(prompts)):
-    singles.append(gt_render.render_views(jax.tree.map(lambda x: x[index], encoded),
+    singles.append(gt_render.render_views(jax.tree.map(lambda x, i=index: x[i], encoded),
                                           cameras, 16, 12))
     if index == 0:
       num_traces = gt_render.render_views._cache_size()

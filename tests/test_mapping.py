@@ -177,7 +177,7 @@ def test_concat_shares_one_grid_and_passes_the_embedding():
   np.testing.assert_array_equal(out.conditioning, text_embedding)
 
 
-@pytest.mark.parametrize("kind", mapping.MAPPING_KINDS)
+@pytest.mark.parametrize("kind", mapping.kinds())
 def test_jit_and_grad(kind):
   mapping_net, variables = _init(kind)
   text_embedding, prompt_index = _inputs()

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from att3d_jax import build as build_lib
 from att3d_jax import real_prompts
 from att3d_jax import train
 from att3d_jax.eval import clip_eval
@@ -22,7 +23,9 @@ from att3d_jax.guidance import real
 from configs import animals as animals_config
 from configs import df27 as df27_config
 from configs import pig64 as pig64_config
+
 import test_text
+import test_train
 import test_unet_parity
 import test_vae_parity
 
@@ -178,25 +181,25 @@ def test_missing_folders_name_the_flag(tmp_path, if_folder):
   config.guidance.cache_dir = str(tmp_path / "cache")
   with pytest.raises(ValueError, match=r"--config.guidance.path is not set: pass a local "
                                        r"DeepFloyd IF stage-I diffusers folder"):
-    train.load_guidance(config)
+    build_lib.load_guidance(config)
   config.guidance.kind = "sd"
   with pytest.raises(ValueError, match=r"--config.guidance.path is not set: .*Stable Diffusion"):
-    train.load_guidance(config)
+    build_lib.load_guidance(config)
   config.guidance.kind = "if"
   config.guidance.path = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=r"--config.guidance.path=.*nowhere.* not a folder"):
-    train.load_guidance(config)
+    build_lib.load_guidance(config)
   config.guidance.path = if_folder
   with pytest.raises(ValueError, match=r"--config.guidance.text_encoder_path is not set"):
-    train.load_guidance(config)
+    build_lib.load_guidance(config)
   config.guidance.text_encoder_path = str(tmp_path)  # no tokenizer/, text_encoder/
   with pytest.raises(FileNotFoundError, match=r"missing \['tokenizer', 'text_encoder'\].*"
                                               r"--config.guidance.text_encoder_path"):
-    train.load_guidance(config)
+    build_lib.load_guidance(config)
   config.guidance.text_encoder_path = if_folder
   config.guidance.kind = "sd"  # a pixel UNet is not a latent one
   with pytest.raises(ValueError, match=r"takes 3 input channels.*--config.guidance.kind"):
-    train.load_guidance(config)
+    build_lib.load_guidance(config)
   config.guidance.text_encoder_kind = "t5"  # SD takes CLIP embeddings
   with pytest.raises(ValueError, match=r"text_encoder_kind='t5'; Stable Diffusion takes"):
     real.text_encoder_kind(config)
@@ -210,7 +213,7 @@ def test_if_guidance_embeddings_and_inputs(tmp_path, if_folder):
   config = df27_config.get_config("quick")
   config.guidance.path = config.guidance.text_encoder_path = if_folder
   config.guidance.cache_dir = str(tmp_path / "cache")
-  guidance = train.load_guidance(config)
+  guidance = build_lib.load_guidance(config)
   prompts = ["a red cube", "A Blue sphere wearing a red hat"]
   tokens = guidance.encode(prompts)
   assert tokens.shape == (2, 77, 32) and guidance.uncond.shape == (1, 77, 32)
@@ -234,7 +237,7 @@ def test_sd_model_input_is_the_scaled_vae_posterior_mean(tmp_path, sd_folder):
   config.guidance.kind = "sd"
   config.guidance.path = config.guidance.text_encoder_path = sd_folder
   config.guidance.cache_dir = str(tmp_path / "cache")
-  guidance = train.load_guidance(config)
+  guidance = build_lib.load_guidance(config)
   images = np.random.default_rng(0).uniform(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(
       np.float32)
   vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(sd_folder, "vae")).eval()
@@ -270,8 +273,8 @@ def test_df27_quick_trains_on_tiny_sd(tmp_path, sd_folder, clip_folder):
                             tmp_path / "cache")
   config.guidance.kind = "sd"
   config.guidance.scale = 100.0
-  # stop_at: the loop saves and returns after step 2, before evaluation.
-  result = train.train_and_evaluate(config, str(tmp_path / "run"), stop_at=2)
+  # Preempted after step 2: the loop saves and returns, before evaluation.
+  result = test_train.train_until(config, str(tmp_path / "run"), 2)
   assert result == {"preempted": True, "step": 2}
   records = [json.loads(line) for line in
              (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""Reliability (DESIGN.md section 7): kill -9 and SIGTERM mid-run, corrupt
+"""Reliability (docs/design.md, Distribution and reliability): kill -9 and SIGTERM mid-run, corrupt
 checkpoints, NaN abort, bad inputs, and two processes under jax.distributed.
 
 The run tests (marked slow: `pytest -m slow tests/test_reliability.py`) launch
@@ -23,9 +23,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from att3d_jax import build as build_lib
+from att3d_jax import checkpoints
+from att3d_jax import prompt_data
 from att3d_jax import train
 from att3d_jax import xla_cpu
+from att3d_jax.guidance import base as guidance_base
 from att3d_jax.guidance import minilm
+
 import test_train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -69,7 +74,7 @@ def run_main(command, env=None) -> str:
 def checkpoint_steps(workdir) -> list[int]:
   """Finished orbax checkpoints (orbax renames a step's temporary folder to
   its step number once the save is complete)."""
-  directory = pathlib.Path(workdir) / train.CHECKPOINT_DIR
+  directory = pathlib.Path(workdir) / checkpoints.CHECKPOINT_DIR
   if not directory.is_dir():
     return []
   return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
@@ -79,7 +84,7 @@ def read_checkpoint(workdir, step=None) -> dict:
   """The train state of a checkpoint (the newest by default) as numpy arrays,
   whatever devices wrote it."""
   step = checkpoint_steps(workdir)[-1] if step is None else step
-  path = pathlib.Path(workdir) / train.CHECKPOINT_DIR / str(step) / "default"
+  path = pathlib.Path(workdir) / checkpoints.CHECKPOINT_DIR / str(step) / "default"
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(path).item_metadata
@@ -207,13 +212,13 @@ def file_listing(directory: pathlib.Path) -> dict:
 
 def test_corrupt_latest_checkpoint_falls_back_and_all_corrupt_is_refused(
     monkeypatch, capsys, tmp_path):
-  monkeypatch.setattr(train, "load_guidance", lambda config: test_train.oracle_guidance())
+  monkeypatch.setattr(build_lib, "load_guidance", lambda config: test_train.oracle_guidance())
   config = oracle_config(train__num_steps=6)
-  train.train_and_evaluate(config, str(tmp_path), stop_at=6)
+  test_train.train_until(config, str(tmp_path), 6)
   assert checkpoint_steps(tmp_path) == [2, 4, 6]
   good_six = read_checkpoint(tmp_path, 6)
-  corrupt(tmp_path / train.CHECKPOINT_DIR / "6", "truncate")
-  corrupted_files = file_listing(tmp_path / train.CHECKPOINT_DIR / "6")
+  corrupt(tmp_path / checkpoints.CHECKPOINT_DIR / "6", "truncate")
+  corrupted_files = file_listing(tmp_path / checkpoints.CHECKPOINT_DIR / "6")
   capsys.readouterr()
 
   # The newest is unreadable: warn, resume from step 4, keep the bad one aside.
@@ -221,23 +226,23 @@ def test_corrupt_latest_checkpoint_falls_back_and_all_corrupt_is_refused(
   output = capsys.readouterr().out
   assert "WARNING: checkpoint at step 6 is unreadable" in output
   assert "resumed from step 4" in output
-  (aside,) = (tmp_path / train.UNREADABLE_DIR).iterdir()
+  (aside,) = (tmp_path / checkpoints.UNREADABLE_DIR).iterdir()
   assert aside.name.startswith("6_") and file_listing(aside) == corrupted_files
   # Step 6 was trained again and saved again, as the first time.
   assert checkpoint_steps(tmp_path) == [2, 4, 6]
   assert_states_equal(read_checkpoint(tmp_path, 6), good_six)
 
   # Every checkpoint unreadable: refuse to start over, touch nothing.
-  corrupt(tmp_path / train.CHECKPOINT_DIR / "6", "truncate")
-  corrupt(tmp_path / train.CHECKPOINT_DIR / "4", "delete_data")
-  corrupt(tmp_path / train.CHECKPOINT_DIR / "2", "truncate")
+  corrupt(tmp_path / checkpoints.CHECKPOINT_DIR / "6", "truncate")
+  corrupt(tmp_path / checkpoints.CHECKPOINT_DIR / "4", "delete_data")
+  corrupt(tmp_path / checkpoints.CHECKPOINT_DIR / "2", "truncate")
   before = file_listing(tmp_path)
   with pytest.raises(RuntimeError, match=r"none of the checkpoints \[6, 4, 2\].*Refusing"):
     train.train_and_evaluate(config, str(tmp_path))
   assert file_listing(tmp_path) == before
 
 
-def nan_guidance() -> train.Guidance:
+def nan_guidance() -> guidance_base.Guidance:
   """The oracle, but its noise prediction is NaN: every step is non-finite."""
   oracle = test_train.oracle_guidance()
   return oracle._replace(eps_fn=lambda noisy, t, text: jnp.full_like(noisy, jnp.nan))
@@ -245,10 +250,10 @@ def nan_guidance() -> train.Guidance:
 
 def test_nan_streak_aborts_with_the_last_good_state_saved(monkeypatch, tmp_path):
   config = oracle_config(train__num_steps=10, train__max_nan_streak=2, train__log_every=1)
-  monkeypatch.setattr(train, "load_guidance", lambda config: test_train.oracle_guidance())
-  train.train_and_evaluate(config, str(tmp_path), stop_at=3)
+  monkeypatch.setattr(build_lib, "load_guidance", lambda config: test_train.oracle_guidance())
+  test_train.train_until(config, str(tmp_path), 3)
   good = read_checkpoint(tmp_path, 3)
-  monkeypatch.setattr(train, "load_guidance", lambda config: nan_guidance())
+  monkeypatch.setattr(build_lib, "load_guidance", lambda config: nan_guidance())
   with pytest.raises(FloatingPointError, match=r"2 consecutive steps had a non-finite loss "
                      r"or gradient \(up to step 5\).*last good state is saved"):
     train.train_and_evaluate(config, str(tmp_path))
@@ -272,17 +277,17 @@ def test_missing_shapes_guidance_folder_names_path_and_layout(tmp_path):
   config.guidance.path = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError,
                      match=r"--config.guidance.path=.*nowhere.*unet/config.json.*text_encoder.json"):
-    train.load_guidance(config)
+    build_lib.load_guidance(config)
 
 
 def test_empty_or_whitespace_training_prompt_is_named(tiny_shapes_model):
   config = oracle_config()
   config.guidance.path = tiny_shapes_model
-  guidance = train.load_guidance(config)
+  guidance = build_lib.load_guidance(config)
   with pytest.raises(ValueError, match=r"prompt 1 is ' \\t '"):
-    train.prompt_tables(guidance, ["a red cube", " \t "])
+    prompt_data.prompt_tables(guidance, ["a red cube", " \t "])
   with pytest.raises(ValueError, match="empty prompt list"):
-    train.prompt_tables(guidance, [])
+    prompt_data.prompt_tables(guidance, [])
 
 
 def test_long_and_non_ascii_prompts_encode():

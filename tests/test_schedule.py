@@ -97,5 +97,6 @@ def test_drop_learned_variance_rejects_odd_channel_counts():
   x = jnp.zeros((1, 5, 2, 2))
   with pytest.raises(ValueError, match="returned 5 channels for a 3-channel"):
     schedule.drop_learned_variance(x, 3)
-  np.testing.assert_array_equal(schedule.drop_learned_variance(jnp.arange(6.0).reshape(1, 6, 1, 1), 3),
-                                jnp.arange(3.0).reshape(1, 3, 1, 1))
+  np.testing.assert_array_equal(
+      schedule.drop_learned_variance(jnp.arange(6.0).reshape(1, 6, 1, 1), 3),
+      jnp.arange(3.0).reshape(1, 3, 1, 1))

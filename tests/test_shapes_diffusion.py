@@ -6,19 +6,18 @@ import subprocess
 import sys
 
 import diffusers
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import conftest
 
 from att3d_jax.shapes import diffusion
 from configs import sds_single as sds_single_config
 from configs import shapes_diffusion as shapes_diffusion_config
 from experiments import sds_single
 from experiments import train_shapes_diffusion
+
+import conftest
 
 SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "weights" / "shapes"
 SHIPPED_SIZE_LIMIT = 25 * 2**20  # bytes: the model ships inside the repository

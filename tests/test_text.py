@@ -1,6 +1,7 @@
 """Text encoders and the embedding cache against transformers run directly."""
 
 import os
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pytest
@@ -9,6 +10,47 @@ import torch
 import transformers
 
 from att3d_jax.guidance import text
+from att3d_jax.nerf import cameras
+
+# Index 0 is the plain prompt; index 1 + cameras.view_index(...) the view's.
+VIEW_SUFFIXES = ("",) + tuple(cameras.view_suffix(label) for label in cameras.VIEW_LABELS)
+
+
+class PromptEmbeddings(NamedTuple):
+  """Every prompt x view suffix through one cached encoder (what the tests check)."""
+
+  prompts: tuple[str, ...]  # [P]
+  suffixes: tuple[str, ...]  # [V], VIEW_SUFFIXES by default
+  embeddings: np.ndarray  # [P, V, max_length, hidden] float32; text = prompt + suffix
+  uncond: np.ndarray  # [max_length, hidden]: the empty (or negative) prompt
+
+
+def encode_prompts(encoder_kind: str, folder: str, prompts: Sequence[str], cache_dir: str,
+                   suffixes: Sequence[str] = VIEW_SUFFIXES,
+                   negative_prompt: str = "") -> PromptEmbeddings:
+  """Embeddings of every prompt x view suffix, plus the unconditional one.
+
+  Args:
+    encoder_kind: one of ENCODER_KINDS.
+    folder: the --config.guidance.text_encoder_path folder (tokenizer/, text_encoder/).
+    prompts: the prompt set; empty or whitespace prompts raise ValueError.
+    cache_dir: where the .npz cache lives (created if needed).
+    suffixes: appended to every prompt.
+    negative_prompt: the unconditional text for classifier-free guidance
+      ("" = the usual empty prompt).
+
+  Returns:
+    PromptEmbeddings; `embeddings[p, 1 + cameras.view_index(el, az)]` is the
+    view-dependent embedding with the default suffixes.
+  """
+  text.validate_prompts(prompts)
+  cache = text.EmbeddingCache(encoder_kind, folder, cache_dir)
+  texts = [prompt + suffix for prompt in prompts for suffix in suffixes]
+  embeddings = cache.lookup(texts + [negative_prompt])
+  per_prompt = embeddings[:-1].reshape(len(prompts), len(suffixes), *embeddings.shape[1:])
+  return PromptEmbeddings(prompts=tuple(prompts), suffixes=tuple(suffixes),
+                          embeddings=per_prompt, uncond=embeddings[-1])
+
 
 WORDS = ["a", "red", "blue", "cube", "sphere", "wearing", "hat", "front", "side", "back",
          "overhead", "view", ","]
@@ -71,11 +113,11 @@ def test_clip_embeddings_match_transformers_and_cache(tmp_path):
   folder, cache_dir = str(tmp_path / "sd"), str(tmp_path / "cache")
   tokenizer, model = _save_tiny_clip(folder)
 
-  result = text.encode_prompts("clip", folder, PROMPTS, cache_dir)
-  num_views = len(text.VIEW_SUFFIXES)
+  result = encode_prompts("clip", folder, PROMPTS, cache_dir)
+  num_views = len(VIEW_SUFFIXES)
   assert result.embeddings.shape == (2, num_views, 24, 32)
-  assert text.VIEW_SUFFIXES[1 + 2] == ", back view"
-  texts = [p + s for p in PROMPTS for s in text.VIEW_SUFFIXES]
+  assert VIEW_SUFFIXES[1 + 2] == ", back view"
+  texts = [p + s for p in PROMPTS for s in VIEW_SUFFIXES]
   expected = _direct(tokenizer, model, texts, 24, mask=False).reshape(2, num_views, 24, 32)
   np.testing.assert_allclose(result.embeddings, expected, rtol=0, atol=1e-5)
   np.testing.assert_allclose(result.uncond, _direct(tokenizer, model, [""], 24, False)[0],
@@ -109,24 +151,24 @@ def test_clip_embeddings_match_transformers_and_cache(tmp_path):
 def test_clip_penultimate_uses_second_to_last_layer_and_own_cache(tmp_path):
   folder, cache_dir = str(tmp_path / "sd2"), str(tmp_path / "cache")
   tokenizer, model = _save_tiny_clip(folder)
-  result = text.encode_prompts("clip_penultimate", folder, PROMPTS[:1], cache_dir, suffixes=("",))
+  result = encode_prompts("clip_penultimate", folder, PROMPTS[:1], cache_dir, suffixes=("",))
   expected = _direct(tokenizer, model, PROMPTS[:1], 24, False, hidden_layer=-2)
   np.testing.assert_allclose(result.embeddings[:, 0], expected, rtol=0, atol=1e-5)
   assert np.abs(result.embeddings[0, 0] - _direct(tokenizer, model, PROMPTS[:1], 24, False)[0]
                 ).max() > 1e-3
   # Another encoder kind on the same folder never reads this cache.
-  text.encode_prompts("clip", folder, PROMPTS[:1], cache_dir, suffixes=("",))
+  encode_prompts("clip", folder, PROMPTS[:1], cache_dir, suffixes=("",))
   assert len(os.listdir(cache_dir)) == 2
 
 
 def test_t5_embeddings_match_transformers(tmp_path):
   folder = str(tmp_path / "if")
   tokenizer, model = _save_tiny_t5(folder)
-  result = text.encode_prompts("t5", folder, PROMPTS, str(tmp_path / "cache"),
+  result = encode_prompts("t5", folder, PROMPTS, str(tmp_path / "cache"),
                                negative_prompt="blue")
-  texts = [(p + s).lower() for p in PROMPTS for s in text.VIEW_SUFFIXES]
+  texts = [(p + s).lower() for p in PROMPTS for s in VIEW_SUFFIXES]
   expected = _direct(tokenizer, model, texts, text.T5_MAX_LENGTH, mask=True)
-  assert result.embeddings.shape == (2, len(text.VIEW_SUFFIXES), text.T5_MAX_LENGTH, 32)
+  assert result.embeddings.shape == (2, len(VIEW_SUFFIXES), text.T5_MAX_LENGTH, 32)
   np.testing.assert_allclose(result.embeddings.reshape(expected.shape), expected, rtol=0,
                              atol=1e-5)
   np.testing.assert_allclose(result.uncond, _direct(tokenizer, model, ["blue"], 77, True)[0],
@@ -136,8 +178,8 @@ def test_t5_embeddings_match_transformers(tmp_path):
 def test_bad_inputs_are_explained(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match="--config.guidance.text_encoder_path.*tokenizer/.*text_encoder/"):
-    text.encode_prompts("clip", str(tmp_path / "nowhere"), PROMPTS, str(tmp_path))
+    encode_prompts("clip", str(tmp_path / "nowhere"), PROMPTS, str(tmp_path))
   with pytest.raises(ValueError, match=r"prompt 1 is empty or whitespace \('   '\)"):
-    text.encode_prompts("clip", str(tmp_path / "nowhere"), ["a cube", "   "], str(tmp_path))
+    encode_prompts("clip", str(tmp_path / "nowhere"), ["a cube", "   "], str(tmp_path))
   with pytest.raises(ValueError, match="unknown text encoder kind 'bert'.*clip"):
     text.EmbeddingCache("bert", str(tmp_path), str(tmp_path))

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 import zlib
 
 import jax
@@ -12,8 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from att3d_jax import build as build_lib
+from att3d_jax import checkpoints
+from att3d_jax import evaluation
+from att3d_jax import prompt_data
+from att3d_jax import sharding
 from att3d_jax import train
-from att3d_jax.amortize import model as model_lib
+from att3d_jax.guidance import base as guidance_base
 from att3d_jax.guidance import schedule
 from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
@@ -24,7 +30,7 @@ TARGET_RGB = (0.9, 0.1, 0.1)  # what the oracle guidance pulls every render towa
 TEXT_LENGTH, TEXT_WIDTH = 3, 8
 
 
-def oracle_guidance() -> train.Guidance:
+def oracle_guidance() -> guidance_base.Guidance:
   """A stand-in for a text-to-image model whose only image is a flat TARGET_RGB
   picture: eps_fn returns the exact noise of that image, so SDS pulls every
   render toward it. Text embeddings are fixed random vectors per prompt."""
@@ -41,7 +47,7 @@ def oracle_guidance() -> train.Guidance:
     return np.stack([np.random.default_rng(zlib.crc32(s.encode())).normal(size=shape)
                      for s in strings]).astype(np.float32)
 
-  return train.Guidance(
+  return guidance_base.Guidance(
       eps_fn=eps_fn, alphas_cumprod=alphas_cumprod,
       uncond=jnp.zeros((1, TEXT_LENGTH, TEXT_WIDTH)), model_input=sds.pixel_model_input,
       encode=lambda captions: vectors(captions, (TEXT_LENGTH, TEXT_WIDTH)),
@@ -58,16 +64,15 @@ def quick_config(**overrides):
 
 
 def setup(config, guidance=None):
-  guidance = guidance or oracle_guidance()
-  prompt_set = train.load_prompts(config)
-  tables = train.prompt_tables(guidance, prompt_set.train)
-  model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(prompt_set.train),
-                                           embedding_dim=tables.embedding.shape[1])
-  state, optimizer = train.init_state(config, model, tables.embedding)
-  mesh = train.make_mesh(config)
-  step_fn = train.jit_train_step(train.make_train_step(config, model, guidance, optimizer),
-                                 mesh, state)
-  return guidance, tables, model, train.place_state(state, mesh), mesh, step_fn
+  built = build_lib.build(config, guidance=guidance or oracle_guidance())
+  return (built.guidance, built.train_tables, built.model, built.state, built.mesh,
+          built.train_step)
+
+
+def train_until(config, workdir: str, step: int) -> dict:
+  """train.train_and_evaluate as if preempted (SIGTERM) right after `step`."""
+  with mock.patch.object(train.Preemption, "reached", lambda self, reached: reached == step):
+    return train.train_and_evaluate(config, workdir)
 
 
 def run_steps(config, num_steps, guidance=None):
@@ -75,7 +80,8 @@ def run_steps(config, num_steps, guidance=None):
   key = jax.random.key(0)
   history = []
   for step in range(num_steps):
-    batch = jax.device_put(train.sample_batch(config, tables, step), train.data_sharding(mesh))
+    batch = jax.device_put(prompt_data.sample_batch(config, tables, step),
+                           sharding.data_sharding(mesh))
     state, metrics = step_fn(state, batch, key)
     history.append(jax.tree.map(np.asarray, metrics))
   return state, history, (guidance, tables, model, step_fn)
@@ -83,28 +89,32 @@ def run_steps(config, num_steps, guidance=None):
 
 def render_error(config, model, guidance, tables, state):
   """Mean squared distance of the first prompts' renders to TARGET_RGB."""
-  render = train.make_render_prompts(model, guidance.background_color, 16, 16, chunk=4)
+  render = evaluation.make_render_prompts(model, guidance.background_color, 16, 16, chunk=4)
   cameras = cameras_lib.ring_cameras((20.0,), 2, 1.8, 45.0)
   rows = np.arange(4)
-  rgb = render(state["params"], state["stats"], train.mapping_inputs(config, tables.embedding[rows]),
-               rows.astype(np.int32), cameras)["rgb"]
+  inputs = prompt_data.mapping_inputs(config, tables.embedding[rows])
+  rgb = render(state["params"], state["stats"], inputs, rows.astype(np.int32), cameras)["rgb"]
   return float(np.mean((rgb - np.asarray(TARGET_RGB))**2))
 
 
 def test_sample_batch_is_a_function_of_seed_and_step():
   config = quick_config(interpolation__kind="embedding", interpolation__fraction=0.5)
-  tables = train.prompt_tables(oracle_guidance(), train.load_prompts(config).train)
-  first, again = train.sample_batch(config, tables, 7), train.sample_batch(config, tables, 7)
+  tables = prompt_data.prompt_tables(oracle_guidance(), prompt_data.load_prompts(config).train)
+  first = prompt_data.sample_batch(config, tables, 7)
+  again = prompt_data.sample_batch(config, tables, 7)
   for name in first:
     np.testing.assert_array_equal(first[name], again[name])
-  other = train.sample_batch(config, tables, 8)
+  other = prompt_data.sample_batch(config, tables, 8)
   assert not np.array_equal(first["alpha"], other["alpha"])
   rows, k = config.batch.prompts_per_step, config.interpolation.num_prompts
   assert first["alpha"].shape == (rows, k)
   np.testing.assert_allclose(first["alpha"].sum(1), 1.0, rtol=1e-6)
-  assert first["conditioning"].shape == (rows, k, train.NUM_VIEWS, TEXT_LENGTH, TEXT_WIDTH)
+  assert first["conditioning"].shape == (rows, k, prompt_data.NUM_VIEWS, TEXT_LENGTH, TEXT_WIDTH)
   # The mapping input is the alpha-mixed embedding of the row's prompts.
-  index = np.random.default_rng([config.seed, 7]).integers(0, len(tables.prompts), (rows, k))
+  # Each row's prompts, identified by their (unique) conditioning tables.
+  conditioning = tables.conditioning.astype(np.float32).reshape(len(tables.prompts), -1)
+  index = np.array([[int(np.flatnonzero((conditioning == c.reshape(-1)).all(1))[0])
+                     for c in row] for row in first["conditioning"]])
   np.testing.assert_array_equal(index[:, 0], first["prompt_index"])
   mixed = np.einsum("bk,bkd->bd", first["alpha"], tables.embedding[index])
   np.testing.assert_allclose(first["mapping_input"], mixed, rtol=1e-6)
@@ -112,8 +122,8 @@ def test_sample_batch_is_a_function_of_seed_and_step():
 
 def test_guidance_weight_column_spans_its_range():
   config = quick_config(guidance__amortize_scale=True)
-  tables = train.prompt_tables(oracle_guidance(), train.load_prompts(config).train)
-  batch = train.sample_batch(config, tables, 0)
+  tables = prompt_data.prompt_tables(oracle_guidance(), prompt_data.load_prompts(config).train)
+  batch = prompt_data.sample_batch(config, tables, 0)
   assert batch["mapping_input"].shape[1] == TEXT_WIDTH + 1
   low, high = config.guidance.scale_range
   assert np.all((batch["guidance_scale"] >= low) & (batch["guidance_scale"] <= high))
@@ -127,14 +137,14 @@ def test_guidance_weight_input_carries_a_share_of_the_text_norm():
   config = quick_config(guidance__amortize_scale=True)
   _, tables, model, state, _, _ = setup(config)
   low, high = config.guidance.scale_range
-  inputs = train.mapping_inputs(config, tables.embedding[:1].repeat(3, 0),
-                                np.array([low, (low + high) / 2, high], np.float32))
+  inputs = prompt_data.mapping_inputs(config, tables.embedding[:1].repeat(3, 0),
+                                      np.array([low, (low + high) / 2, high], np.float32))
   standardized = np.asarray(model.standardize_inputs(state["params"], jnp.asarray(inputs)))
   gain = config.guidance.scale_input_share * np.sqrt(TEXT_WIDTH)
   np.testing.assert_allclose(standardized[:, -1], np.sqrt(3.0) * gain * np.array([-1, 0, 1]),
                              rtol=1e-5, atol=1e-5)
   text = np.asarray(model.standardize_inputs(state["params"], jnp.asarray(
-      train.mapping_inputs(config, tables.embedding, None))))[:, :-1]
+      prompt_data.mapping_inputs(config, tables.embedding, None))))[:, :-1]
   rms_norm = np.sqrt(np.mean(np.sum(text**2, axis=1)))  # ~ sqrt(D) after text_norm
   np.testing.assert_allclose(rms_norm, np.sqrt(TEXT_WIDTH), rtol=1e-4)
 
@@ -157,7 +167,7 @@ def test_per_prompt_grids_move_only_when_rendered():
   config = quick_config(mapping__kind="per_prompt")
   state, _, (_, tables, _, _) = run_steps(config, 1)
   guidance, _, model, initial, _, _ = setup(config)
-  rendered = set(train.sample_batch(config, tables, 0)["prompt_index"].tolist())
+  rendered = set(prompt_data.sample_batch(config, tables, 0)["prompt_index"].tolist())
   before, after = (np.asarray(s["params"]["mapping"]["tables"]) for s in (initial, state))
   for row in range(len(tables.prompts)):
     moved = not np.array_equal(before[row], after[row])
@@ -175,7 +185,7 @@ def test_interpolation_training_runs(kind):
 def test_interpolation_needs_a_mapping_that_reads_the_embedding():
   config = quick_config(mapping__kind="per_prompt", interpolation__kind="loss")
   with pytest.raises(ValueError, match="per_prompt"):
-    train.num_mixed(config)
+    prompt_data.num_mixed(config)
 
 
 def test_train_step_compiles_once_over_ten_steps():
@@ -186,13 +196,14 @@ def test_train_step_compiles_once_over_ten_steps():
 
 def test_non_finite_step_is_skipped_and_counted():
   config = quick_config()
-  guidance, tables, model, state, mesh, _ = setup(config)
-  _, optimizer = train.init_state(config, model, tables.embedding)
-  step_fn = train.jit_train_step(
-      train.make_train_step(config, model, guidance, optimizer, poison_step=1), mesh, state)
+  _, tables, _, state, mesh, step_fn = setup(config)
   key = jax.random.key(0)
-  batch = lambda step: jax.device_put(train.sample_batch(config, tables, step),
-                                      train.data_sharding(mesh))
+
+  def batch(step):
+    batch = prompt_data.sample_batch(config, tables, step)
+    if step == 1:  # a NaN guidance weight makes this step's loss and gradient NaN
+      batch["guidance_scale"] = np.full_like(batch["guidance_scale"], np.nan)
+    return jax.device_put(batch, sharding.data_sharding(mesh))
   state, _ = step_fn(state, batch(0), key)
   snapshot = jax.tree.map(np.array, state)
   state, metrics = step_fn(state, batch(1), key)
@@ -209,10 +220,10 @@ def test_non_finite_step_is_skipped_and_counted():
 def test_batch_must_divide_over_devices():
   config = quick_config(batch__prompts_per_step=3)
   if len(jax.devices()) == 1:
-    train.make_mesh(config)  # 3 rows on one device is fine
+    sharding.make_mesh(config)  # 3 rows on one device is fine
   else:
     with pytest.raises(ValueError, match="multiple of"):
-      train.make_mesh(config)
+      sharding.make_mesh(config)
 
 
 _DEVICE_SCRIPT = textwrap.dedent("""
@@ -253,7 +264,7 @@ def test_four_devices_match_one_device(model_parallelism):
 def test_unknown_prompt_set_lists_the_available_ones():
   config = quick_config(prompts__set="shapes_9000")
   with pytest.raises(ValueError, match="available"):
-    train.load_prompts(config)
+    prompt_data.load_prompts(config)
 
 
 def _main_config(model_dir, **overrides):
@@ -291,9 +302,12 @@ def test_resumed_run_equals_uninterrupted_run(tiny_shapes_model, tmp_path):
   config.eval.write_outputs = False
 
   def final_state(workdir, stop_at=None):
-    train.train_and_evaluate(config, str(workdir), stop_at=stop_at)
-    return train.restore_latest(train.checkpoint_manager(workdir, 3),
-                                setup(config, train.load_guidance(config))[3])
+    if stop_at is None:
+      train.train_and_evaluate(config, str(workdir))
+    else:
+      train_until(config, str(workdir), stop_at)
+    return checkpoints.restore_latest(checkpoints.checkpoint_manager(workdir, 3),
+                                      setup(config, build_lib.load_guidance(config))[3])
 
   straight = final_state(tmp_path / "straight")
   assert final_state(tmp_path / "resumed", stop_at=5)["step"] == 5
@@ -315,8 +329,8 @@ def test_workdir_of_another_config_is_refused(tiny_shapes_model, tmp_path):
 
 
 def test_eval_rows_are_all_or_the_same_fixed_subset():
-  np.testing.assert_array_equal(train._eval_rows(5, 0), np.arange(5))
-  np.testing.assert_array_equal(train._eval_rows(5, 8), np.arange(5))
-  rows = train._eval_rows(400, 32)
+  np.testing.assert_array_equal(evaluation.eval_rows(5, 0), np.arange(5))
+  np.testing.assert_array_equal(evaluation.eval_rows(5, 8), np.arange(5))
+  rows = evaluation.eval_rows(400, 32)
   assert len(rows) == 32 and np.all(np.diff(rows) > 0) and rows.max() < 400
-  np.testing.assert_array_equal(rows, train._eval_rows(400, 32))  # every evaluation
+  np.testing.assert_array_equal(rows, evaluation.eval_rows(400, 32))  # every evaluation

@@ -8,15 +8,15 @@ with `load_unet` and compares outputs on random inputs in float32.
 import math
 
 import diffusers
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
 
-from att3d_jax.guidance import UNetConfig
 from att3d_jax.guidance import UNet2DConditionModel
+from att3d_jax.guidance import UNetConfig
 from att3d_jax.guidance import load_unet
 from att3d_jax.guidance import param_shapes
 from att3d_jax.guidance import save_unet

@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
-import conftest
-
 from att3d_jax import xla_cpu
+
+import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

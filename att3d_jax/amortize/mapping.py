@@ -16,6 +16,19 @@ depend on which one a config picks:
 - "per_prompt" (the per-prompt optimization baseline): one free grid per
   training prompt, selected by prompt_index; c is ignored.
 
+Each variant describes itself with class attributes, so that the model, the
+train step and generation never compare kind strings:
+
+  conditions_field: the field MLP takes the mapping input as conditioning
+      (its conditioning width is the mapping input width);
+  per_prompt_param: name of the parameter whose rows are per-prompt grids
+      (only the rows rendered in a step may move), or None;
+  generalizes: whether the text reaches the output, i.e. the network can
+      generate prompts it was not trained on (and mix embeddings).
+
+A variant registers its kind with `@register("kind")` and builds itself with
+`from_config(spec, num_prompts, mapping_config)`.
+
 Extra scalars the mapping should see, such as a sampled guidance weight, are
 appended by the caller as extra columns of `text_embedding`.
 
@@ -27,6 +40,7 @@ mutable=[SPECTRAL_STATS]` and stores the returned collection; evaluation
 applies with `update_stats=False` and reuses the stored u.
 """
 
+import types
 from typing import NamedTuple, Optional
 
 import chex
@@ -37,7 +51,28 @@ import jax.numpy as jnp
 from att3d_jax.nerf import hashgrid
 
 SPECTRAL_STATS = "spectral_stats"
-MAPPING_KINDS = ("hypernet", "concat", "per_prompt")
+_MAPPINGS: dict[str, type] = {}
+
+
+def register(kind: str):
+  """Class decorator: the mapping network of config.mapping.kind `kind`."""
+
+  def decorate(cls):
+    _MAPPINGS[kind] = cls
+    return cls
+
+  return decorate
+
+
+def kinds() -> tuple[str, ...]:
+  return tuple(_MAPPINGS)
+
+
+def mapping_class(kind: str) -> type:
+  """The registered mapping network class of `kind`."""
+  if kind not in _MAPPINGS:
+    raise ValueError(f"unknown mapping kind {kind!r}; expected one of {tuple(_MAPPINGS)}.")
+  return _MAPPINGS[kind]
 
 # ATT3D reimpl. (threestudio att3d-test): hypernet weights U(-0.1, 0.1), zero bias.
 HYPERNET_INIT_SCALE = 0.1
@@ -98,6 +133,7 @@ class SpectralDense(nn.Module):
                                x, update_stats=update_stats or initializing)
 
 
+@register("hypernet")
 class HyperNetwork(nn.Module):
   """ATT3D's mapping network m(c) -> all grid tables of one prompt.
 
@@ -121,6 +157,16 @@ class HyperNetwork(nn.Module):
   hidden_width: int = 32
   num_power_iterations: int = 10
 
+  conditions_field = False
+  per_prompt_param = None
+  generalizes = True
+
+  @classmethod
+  def from_config(cls, spec, num_prompts, config) -> "HyperNetwork":
+    del num_prompts
+    return cls(spec, hidden_width=config.hidden_width,
+               num_power_iterations=config.num_power_iterations)
+
   @nn.compact
   def __call__(self, text_embedding: jax.Array, prompt_index: jax.Array, *,
                update_stats: bool = False) -> MappingOutput:
@@ -143,10 +189,20 @@ class HyperNetwork(nn.Module):
     return MappingOutput(tables, None)
 
 
+@register("concat")
 class ConcatMapping(nn.Module):
   """One shared grid for all prompts; c conditions the field MLP instead."""
 
   spec: hashgrid.HashGridSpec
+
+  conditions_field = True
+  per_prompt_param = None
+  generalizes = True
+
+  @classmethod
+  def from_config(cls, spec, num_prompts, config) -> "ConcatMapping":
+    del num_prompts, config
+    return cls(spec)
 
   @nn.compact
   def __call__(self, text_embedding: jax.Array, prompt_index: jax.Array, *,
@@ -160,12 +216,25 @@ class ConcatMapping(nn.Module):
                          text_embedding.astype(jnp.float32))
 
 
+@register("per_prompt")
 class PerPromptTables(nn.Module):
   """A free grid per prompt (param [num_prompts, L, T, F]), each initialized
   like `hashgrid.init_tables`; row prompt_index[b] is batch row b's grid."""
 
   spec: hashgrid.HashGridSpec
   num_prompts: int
+
+  conditions_field = False
+  per_prompt_param = "tables"
+  generalizes = False
+
+  @classmethod
+  def from_config(cls, spec, num_prompts, config) -> "PerPromptTables":
+    del config
+    if num_prompts is None or num_prompts < 1:
+      raise ValueError(f"mapping kind 'per_prompt' needs num_prompts >= 1 (one grid "
+                       f"per training prompt), got num_prompts={num_prompts}.")
+    return cls(spec, num_prompts)
 
   @nn.compact
   def __call__(self, text_embedding: jax.Array, prompt_index: jax.Array, *,
@@ -182,10 +251,10 @@ class PerPromptTables(nn.Module):
 def make_mapping(kind: str, spec: hashgrid.HashGridSpec, *,
                  num_prompts: Optional[int] = None, hidden_width: int = 32,
                  num_power_iterations: int = 10) -> nn.Module:
-  """The mapping network `kind` (one of MAPPING_KINDS) for grids of `spec`.
+  """The mapping network `kind` (a registered kind) for grids of `spec`.
 
   Args:
-    kind: "hypernet", "concat" or "per_prompt".
+    kind: "hypernet", "concat", "per_prompt" or another registered kind.
     spec: the hash grid the mapping writes.
     num_prompts: number of training prompts; required by "per_prompt".
     hidden_width, num_power_iterations: of "hypernet".
@@ -194,14 +263,6 @@ def make_mapping(kind: str, spec: hashgrid.HashGridSpec, *,
     A module called as `(text_embedding [B, D], prompt_index [B], *,
     update_stats) -> MappingOutput`.
   """
-  if kind == "hypernet":
-    return HyperNetwork(spec, hidden_width=hidden_width,
-                        num_power_iterations=num_power_iterations)
-  if kind == "concat":
-    return ConcatMapping(spec)
-  if kind == "per_prompt":
-    if num_prompts is None or num_prompts < 1:
-      raise ValueError(f"mapping kind 'per_prompt' needs num_prompts >= 1 (one grid "
-                       f"per training prompt), got num_prompts={num_prompts}.")
-    return PerPromptTables(spec, num_prompts)
-  raise ValueError(f"unknown mapping kind {kind!r}; expected one of {MAPPING_KINDS}.")
+  config = types.SimpleNamespace(hidden_width=hidden_width,
+                                 num_power_iterations=num_power_iterations)
+  return mapping_class(kind).from_config(spec, num_prompts, config)

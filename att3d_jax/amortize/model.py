@@ -80,7 +80,7 @@ class ATT3DModel:
   spec: hashgrid.HashGridSpec
   mlp: field_lib.FieldMLP
   input_dim: int  # the mapping network's input width
-  conditioning_dim: int  # field-MLP conditioning width (concat), else 0
+  conditioning_dim: int  # field-MLP conditioning width (mapping.conditions_field), else 0
   scene_radius: float
   density_activation: str
   bias_scale: float
@@ -98,15 +98,13 @@ class ATT3DModel:
                        f"is {config.render.shading!r}")
     spec = hashgrid.HashGridSpec(**config.hashgrid.to_dict())
     input_dim = mapping_input_dim(config, embedding_dim)
-    mapping = mapping_lib.make_mapping(
-        config.mapping.kind, spec, num_prompts=num_train_prompts,
-        hidden_width=config.mapping.hidden_width,
-        num_power_iterations=config.mapping.num_power_iterations)
+    mapping = mapping_lib.mapping_class(config.mapping.kind).from_config(
+        spec, num_train_prompts, config.mapping)
     return cls(mapping=mapping, spec=spec,
                mlp=field_lib.FieldMLP(config.field.hidden_width,
                                       config.field.num_hidden_layers),
                input_dim=input_dim,
-               conditioning_dim=input_dim if config.mapping.kind == "concat" else 0,
+               conditioning_dim=input_dim if mapping.conditions_field else 0,
                scene_radius=config.render.scene_radius,
                density_activation=config.field.density_activation,
                bias_scale=config.field.bias_scale, bias_radius=config.field.bias_radius,

@@ -19,11 +19,11 @@ import json
 import os
 from typing import Any, Mapping
 
+from flax import traverse_util
 import jax
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
-from flax import traverse_util
 
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 CONFIG_NAME = 'config.json'

@@ -11,7 +11,7 @@ text_encoder/ (for SD usually the pipeline folder itself; for IF the T5 may
 live elsewhere). Text embeddings are computed once and cached on disk in
 config.guidance.cache_dir (guidance/text.py). Nothing is ever downloaded.
 
-What `train.Guidance` gets:
+What `base.Guidance` gets:
   eps_fn: the frozen UNet (Flax port, guidance/unet.py) in config.guidance.dtype;
     IF's learned-variance channels are returned and dropped by schedule.guided_eps.
   encode: per-token embeddings [N, L, D], L = 77 for T5 (IF) or the CLIP
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from att3d_jax import train
+from att3d_jax.guidance import base
 from att3d_jax.guidance import schedule
 from att3d_jax.guidance import sds
 from att3d_jax.guidance import text
@@ -120,21 +120,8 @@ def _make_eps_fn(loaded: unet_lib.LoadedUNet, dtype) -> schedule.EpsFn:
   return eps_fn
 
 
-def _latent_model_input(vae: vae_lib.VAE, image_size: int):
-  def model_input(images):
-    """Renders [N, H, W, 3] in [0, 1] -> scaled SD latents [N, 4, image_size / 8, ...].
-
-    The posterior MEAN, not a sample: Guidance.model_input takes no PRNG key,
-    and the mean is the deterministic (lower-variance) choice; the SDS noise
-    is added afterwards anyway. Differentiable through the encoder.
-    """
-    posterior = vae.encode(sds.pixel_model_input(images, image_size))
-    return (posterior.mean - vae.shift_factor) * vae.scaling_factor
-
-  return model_input
-
-
-def load_guidance(config: ml_collections.ConfigDict) -> train.Guidance:
+@base.register(*KINDS)
+def load_guidance(config: ml_collections.ConfigDict) -> base.Guidance:
   """The frozen IF or SD model and its cached text embeddings, from local folders only.
 
   Config fields read (configs/df27.py documents them): guidance.kind, path,
@@ -173,7 +160,7 @@ def load_guidance(config: ml_collections.ConfigDict) -> train.Guidance:
     vae = vae_lib.load_vae(path, dtype=dtype)
     # Pixels per latent: SD's VAE halves the size in every block but the last.
     image_size = sample_size * 2 ** (len(vae.module.block_out_channels) - 1)
-    model_input = _latent_model_input(vae, image_size)
+    model_input = functools.partial(sds.latent_model_input, vae, image_size=image_size)
   else:
     model_input = functools.partial(sds.pixel_model_input, image_size=sample_size)
 
@@ -184,7 +171,7 @@ def load_guidance(config: ml_collections.ConfigDict) -> train.Guidance:
         f"the text encoder in --config.guidance.text_encoder_path={text_path!r} gives "
         f"{uncond.shape[-1]}-wide embeddings but the UNet in --config.guidance.path takes "
         f"{unet_config.context_dim}; pass the encoder this UNet was trained with")
-  return train.Guidance(
+  return base.Guidance(
       eps_fn=_make_eps_fn(unet, dtype),
       alphas_cumprod=jnp.asarray(schedule.load_alphas_cumprod(path), jnp.float32),
       uncond=jnp.asarray(uncond, jnp.float32),

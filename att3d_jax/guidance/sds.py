@@ -16,7 +16,7 @@ Two ways to get the model input x from renders:
   * pixel mode (DeepFloyd IF, the shapes model): `pixel_model_input`, images in
     [0, 1] -> [-1, 1] at the model's resolution (64x64 for IF stage I);
   * latent mode (Stable Diffusion): `latent_model_input`, images -> VAE encoder
-    -> latent sample * scaling_factor (512x512 renders in real use).
+    -> posterior mean, shifted and scaled (512x512 renders in real use).
 """
 
 from typing import Sequence
@@ -102,22 +102,24 @@ def pixel_model_input(images: jax.Array, image_size: int | None = None) -> jax.A
   return jnp.transpose(2.0 * images - 1.0, (0, 3, 1, 2))
 
 
-def latent_model_input(vae, images: jax.Array, key: jax.Array,
-                       image_size: int | None = 512) -> jax.Array:
+def latent_model_input(vae, images: jax.Array, image_size: int | None = 512) -> jax.Array:
   """Renders -> Stable Diffusion latents, differentiable through the encoder.
+
+  The posterior MEAN, not a sample: `Guidance.model_input` takes no PRNG key,
+  and the mean is the deterministic (lower-variance) choice; the SDS noise is
+  added afterwards anyway.
 
   Args:
     vae: a loaded VAE (`att3d_jax.guidance.vae.load_vae`).
     images: [B, H, W, 3] in [0, 1].
-    key: PRNG key for the latent sample.
     image_size: the VAE's input resolution (512 for SD); None keeps the size.
 
   Returns:
-    latents: [B, latent_channels, image_size / 8, image_size / 8] (for SD),
-    sampled from the encoder's posterior and multiplied by scaling_factor.
+    latents: [B, latent_channels, image_size / 8, image_size / 8] (for SD):
+    (posterior mean - shift_factor) * scaling_factor.
   """
   posterior = vae.encode(pixel_model_input(images, image_size))
-  return posterior.sample(key) * vae.scaling_factor
+  return (posterior.mean - vae.shift_factor) * vae.scaling_factor
 
 
 def sds_loss(eps_fn: schedule.EpsFn, x: jax.Array, key: jax.Array,

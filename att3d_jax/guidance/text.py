@@ -16,8 +16,8 @@ Encoder kinds, reproducing what diffusers' pipelines feed the UNet:
   "t5": the T5 encoder's last hidden state with the attention mask, prompts
       lower-cased and stripped, 77 tokens (DeepFloyd IF).
 
-Every prompt is encoded with each view suffix ("", ", front view", ...,
-DreamFusion's view-dependent prompting), and embeddings are cached in one .npz
+Callers encode every prompt with each view suffix (", front view", ...,
+DreamFusion's view-dependent prompting); embeddings are cached in one .npz
 per encoder: the file stores the texts next to the embeddings and its name
 carries the encoder folder's identity, so a different encoder never hits a
 stale cache. A text missing from the cache is encoded and the file rewritten.
@@ -26,16 +26,12 @@ stale cache. A text missing from the cache is encoded and the file rewritten.
 import hashlib
 import logging
 import os
+from typing import Sequence
 import zipfile
-from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from att3d_jax.nerf import cameras
-
 ENCODER_KINDS = ("clip", "clip_penultimate", "t5")
-# Index 0 is the plain prompt; index 1 + cameras.view_index(...) the view's.
-VIEW_SUFFIXES = ("",) + tuple(cameras.view_suffix(label) for label in cameras.VIEW_LABELS)
 T5_MAX_LENGTH = 77  # DeepFloyd IF's text length (diffusers' IFPipeline).
 _ENCODE_BATCH = 32  # texts per encoder call
 
@@ -159,37 +155,3 @@ class EmbeddingCache:
     np.savez(partial, texts=np.asarray(texts, dtype=np.str_),
              embeddings=np.stack([self._entries[t] for t in texts]))
     os.replace(partial, self.path)  # atomic: a crash never leaves half a cache
-
-
-class PromptEmbeddings(NamedTuple):
-  prompts: tuple[str, ...]  # [P]
-  suffixes: tuple[str, ...]  # [V], VIEW_SUFFIXES by default
-  embeddings: np.ndarray  # [P, V, max_length, hidden] float32; text = prompt + suffix
-  uncond: np.ndarray  # [max_length, hidden]: the empty (or negative) prompt
-
-
-def encode_prompts(encoder_kind: str, folder: str, prompts: Sequence[str], cache_dir: str,
-                   suffixes: Sequence[str] = VIEW_SUFFIXES,
-                   negative_prompt: str = "") -> PromptEmbeddings:
-  """Embeddings of every prompt x view suffix, plus the unconditional one.
-
-  Args:
-    encoder_kind: one of ENCODER_KINDS.
-    folder: the --config.guidance.text_encoder_path folder (tokenizer/, text_encoder/).
-    prompts: the prompt set; empty or whitespace prompts raise ValueError.
-    cache_dir: where the .npz cache lives (created if needed).
-    suffixes: appended to every prompt.
-    negative_prompt: the unconditional text for classifier-free guidance
-      ("" = the usual empty prompt).
-
-  Returns:
-    PromptEmbeddings; `embeddings[p, 1 + cameras.view_index(el, az)]` is the
-    view-dependent embedding with the default suffixes.
-  """
-  validate_prompts(prompts)
-  cache = EmbeddingCache(encoder_kind, folder, cache_dir)
-  texts = [prompt + suffix for prompt in prompts for suffix in suffixes]
-  embeddings = cache.lookup(texts + [negative_prompt])
-  per_prompt = embeddings[:-1].reshape(len(prompts), len(suffixes), *embeddings.shape[1:])
-  return PromptEmbeddings(prompts=tuple(prompts), suffixes=tuple(suffixes),
-                          embeddings=per_prompt, uncond=embeddings[-1])

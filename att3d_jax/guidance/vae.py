@@ -238,7 +238,8 @@ def module_from_config(config: dict, dtype: Dtype = jnp.float32) -> AutoencoderK
   for key in ('latents_mean', 'latents_std'):
     if config.get(key) is not None:
       raise NotImplementedError(f'VAE config {key}={config[key]} (per-channel latent '
-                                'normalization) is not supported; only scaling_factor/shift_factor.')
+                                'normalization) is not supported; only '
+                                'scaling_factor/shift_factor.')
   kwargs = {key: config[key] for key in _ARCHITECTURE_KEYS if key in config}
   if 'block_out_channels' in kwargs:
     kwargs['block_out_channels'] = tuple(kwargs['block_out_channels'])

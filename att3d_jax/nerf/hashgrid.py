@@ -27,11 +27,8 @@ touches all L tables (a 64 MB working set), and it materializes the
 
 The forward pass alone is faster unrolled over levels, as in
 `encode_reference` (the levels' gathers are independent and XLA runs them side
-by side). Values from unrolled levels with derivatives from this scan (a
-`custom_jvp`) were measured and not kept: its forward was 1.45x (default spec)
-and 1.7x (configs/shapes.py's spec) faster, but the shapes train step, which
-runs both passes, was 6% slower (311 vs 293 ms per step, 3 alternating runs
-each, 2026-11-27).
+by side); the train step runs both passes and is faster with this scan
+(docs/design.md, History).
 """
 
 import dataclasses

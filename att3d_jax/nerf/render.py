@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from att3d_jax.nerf.cameras import Cameras
-from att3d_jax.nerf.cameras import generate_rays
 from att3d_jax.nerf.cameras import Rays
+from att3d_jax.nerf.cameras import generate_rays
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
 # Floor added to every bin's weight before importance resampling, so that rays

@@ -20,9 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from att3d_jax.guidance import base as guidance_base
 from att3d_jax.guidance import minilm
 from att3d_jax.guidance import schedule
+from att3d_jax.guidance import sds
 from att3d_jax.guidance import unet as unet_lib
+from att3d_jax.shapes import scenes
 
 # The shipped model, relative to the repository root.
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "weights", "shapes")
@@ -96,3 +99,23 @@ class ShapesDiffusionModel:
 
   def conditioning(self, captions: Sequence[str]) -> jax.Array:
     return jnp.asarray(encode_captions(self.encoder, captions))
+
+
+@guidance_base.register("shapes")
+def load_guidance(config) -> guidance_base.Guidance:
+  """The shapes model in config.guidance.path as training's guidance: pixel
+  space, packed MiniLM conditioning, the shapes world's background."""
+  try:
+    model = ShapesDiffusionModel(config.guidance.path)
+  except FileNotFoundError as error:
+    raise FileNotFoundError(f"--config.guidance.path={config.guidance.path!r}: "
+                            f"{error}") from error
+  conditioning = lambda captions: np.asarray(model.conditioning(captions))
+  return guidance_base.Guidance(
+      eps_fn=model.eps_fn(), alphas_cumprod=model.alphas_cumprod,
+      uncond=jnp.zeros((1, 1 + model.encoder.max_length, model.encoder.width)),
+      model_input=sds.pixel_model_input,
+      encode=conditioning,
+      # The pooled sentence embedding (row 0 of the packed conditioning).
+      embed=lambda prompts: conditioning(prompts)[:, 0],
+      background_color=scenes.BACKGROUND_RGB)
