@@ -47,9 +47,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # > 0: empty-space skipping: a gradient-free pass of this many samples per ray
   # places the num_samples rendered ones where the ray meets the surface.
   config.render.num_proposal = 0
-  config.render.shading = "albedo"  # "albedo" | "lambertian" | "textureless"
-  config.render.ambient = 0.3  # ambient light share for lambertian shading
-  config.render.background = "solid"  # "solid" | "random" | "mlp"
+  # Renders composite over this color (guidance kinds "if" and "sd"; the shapes
+  # model uses its world's background).
   config.render.background_color = (1.0, 1.0, 1.0)
   return config
 

@@ -34,7 +34,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.hashgrid.log2_table_size = 16
   config.hashgrid.max_resolution = 512
   config.render.num_samples = 64
-  config.render.shading = "albedo"  # GT shading is baked into albedo (world-fixed light)
 
   # Optimization: Adam (Instant-NGP's eps), exponential learning-rate decay.
   config.num_steps = 2000

@@ -57,7 +57,6 @@ def get_real_config(prompt_set: str, arg: str | None) -> ml_collections.ConfigDi
   # 64 samples per unit of ray length, as the reimpl.'s 256 samples in its radius-2 scene.
   config.render.num_samples = 128
   config.render.num_proposal = 0  # evenly spaced, as the reimpl. (shapes.py skips empty space)
-  config.render.shading = "albedo"  # (reimpl.: diffuse + point light; not ported)
 
   config.batch.prompts_per_step = 8  # B rows, sharded over devices (reimpl.: 1)
   config.batch.views_per_prompt = 1  # V rendered views per row (reimpl.)

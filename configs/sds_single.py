@@ -34,7 +34,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (render.proposal_edges), as in configs/shapes.py.
   config.render.num_samples = 12
   config.render.num_proposal = 12
-  config.render.shading = "albedo"  # the model's images bake a world-fixed light
 
   config.views_per_step = 4  # rendered frames per prompt per step
   # Classifier-free guidance weight: the model's best for shape accuracy

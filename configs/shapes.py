@@ -61,7 +61,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # of 48 evenly spaced samples at half the step time (docs/design.md, History).
   config.render.num_samples = 12
   config.render.num_proposal = 12
-  config.render.shading = "albedo"  # the guidance model's images bake the light
 
   config.batch = ml_collections.ConfigDict()
   config.batch.prompts_per_step = 8  # B rows, sharded over devices

@@ -1,5 +1,5 @@
-"""NeRF field: density bias, trunc_exp, outputs, analytic normals through the
-hash grid, conditioning and per-prompt tables."""
+"""NeRF field: density bias, trunc_exp, outputs, conditioning and per-prompt
+tables."""
 
 import jax
 import jax.numpy as jnp
@@ -75,50 +75,15 @@ def test_field_outputs_with_zero_grid_is_the_blob(activation):
 def test_field_outputs_shapes_and_ranges():
   mlp, mlp_params, tables = _field(init_scale=1.0)
   points = _points(64, 1.0)
-  out = _jitted_outputs(mlp, compute_normals=True)(mlp_params, tables, points)
+  out = _jitted_outputs(mlp)(mlp_params, tables, points)
   assert out["density"].shape == (64,)
-  assert out["albedo"].shape == (64, 3) and out["normal"].shape == (64, 3)
+  assert out["albedo"].shape == (64, 3)
   assert np.all(out["density"] >= 0)
   assert np.all((out["albedo"] > 0) & (out["albedo"] < 1))
   assert np.std(np.asarray(out["albedo"])) > 1e-2  # the grid shows through
-  np.testing.assert_allclose(np.linalg.norm(out["normal"], axis=-1), 1.0, rtol=1e-5)
   with pytest.raises(ValueError, match="unknown density_activation 'relu'"):
     field.field_outputs(mlp_params, tables, points, TINY_SPEC, mlp=mlp,
                         density_activation="relu")
-
-
-@pytest.mark.parametrize("init_scale", [0.0, 1e-4])
-def test_blob_normals_point_radially_outward(init_scale):
-  mlp, mlp_params, tables = _field(init_scale=init_scale)
-  points = _points(64, 0.9)
-  normals = _jitted_outputs(mlp, compute_normals=True)(
-      mlp_params, tables, points)["normal"]
-  radial = points / np.linalg.norm(points, axis=-1, keepdims=True)
-  np.testing.assert_allclose(normals, radial, atol=1e-3)
-
-
-def test_normals_match_finite_differences_through_the_grid():
-  with jax.enable_x64(True):
-    # float64 throughout, so that central differences with a tiny step (which
-    # almost never straddles a grid cell boundary) are accurate.
-    mlp, mlp_params, tables = _field(seed=1, init_scale=1.0, dtype=jnp.float64)
-    tables = tables.astype(jnp.float64)
-    points = _points(32, 0.8, seed=1).astype(np.float64)
-    step = 1e-7
-
-    outputs = _jitted_outputs(mlp, scene_radius=1.5, compute_normals=True)
-    normals = outputs(mlp_params, tables, points)["normal"]
-    # Densities of all the shifted points in one call.
-    shifts = np.concatenate([step * np.eye(3), -step * np.eye(3)])  # [6, 3]
-    shifted = (points[None] + shifts[:, None]).reshape(-1, 3)
-    density = np.asarray(outputs(mlp_params, tables, shifted)["density"]).reshape(6, -1)
-    gradient = ((density[:3] - density[3:]) / (2 * step)).T
-    assert normals.dtype == jnp.float64
-  expected = -gradient / np.linalg.norm(gradient, axis=-1, keepdims=True)
-  # The grid must matter, or this would only re-test the blob.
-  radial = points / np.linalg.norm(points, axis=-1, keepdims=True)
-  assert np.max(np.abs(expected - radial)) > 0.1
-  np.testing.assert_allclose(normals, expected, atol=1e-5)
 
 
 def test_conditioning_is_appended_to_the_features():

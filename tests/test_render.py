@@ -1,6 +1,6 @@
 """Volume rendering: compositing against a brute-force loop, analytic
-geometry, shading, importance resampling, empty-space skipping (proposal
-sampling), backgrounds and an end-to-end render through the hash-grid field."""
+geometry, importance resampling, empty-space skipping (proposal
+sampling), the background and an end-to-end render through the hash-grid field."""
 
 import functools
 
@@ -16,6 +16,8 @@ from att3d_jax.nerf import hashgrid
 from att3d_jax.nerf import render
 from att3d_jax.nerf.cameras import Rays
 
+WHITE = (1.0, 1.0, 1.0)
+
 TINY_SPEC = hashgrid.HashGridSpec(num_levels=2, log2_table_size=8,
                                   features_per_level=2, base_resolution=4,
                                   max_resolution=16)
@@ -30,7 +32,7 @@ def _random_edges_and_density(rng, num_rays=7, num_bins=9):
   return t_edges, density, directions
 
 
-def _composite_bruteforce(density, t_edges, directions, rgb, normals):
+def _composite_bruteforce(density, t_edges, directions, rgb):
   """Front-to-back loop with the transmittance as a running product."""
   num_rays, num_bins = density.shape
   weights = np.zeros_like(density)
@@ -49,29 +51,26 @@ def _composite_bruteforce(density, t_edges, directions, rgb, normals):
               depth=(weights * t_mids).sum(-1),
               normalized_depth=np.where(opacity > 0, (weights * t_mids).sum(-1) /
                                         np.maximum(opacity, 1e-30), 0.0),
-              rgb=(weights[..., None] * rgb).sum(1),
-              normal=(weights[..., None] * normals).sum(1))
+              rgb=(weights[..., None] * rgb).sum(1))
 
 
 def test_compositing_matches_bruteforce_loop():
   rng = np.random.default_rng(0)
   t_edges, density, directions = _random_edges_and_density(rng)
   rgb = rng.uniform(size=density.shape + (3,))
-  normals = rng.normal(size=density.shape + (3,))
-  expected = _composite_bruteforce(density, t_edges, directions, rgb, normals)
+  expected = _composite_bruteforce(density, t_edges, directions, rgb)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   weights, transmittance = render.compute_alpha_weights(
       f32(density), f32(t_edges), f32(directions))
   t_mids = render.bin_midpoints(f32(t_edges))
-  out = render.composite(weights, f32(rgb), t_mids, f32(normals))
+  out = render.composite(weights, f32(rgb), t_mids)
   normalized = render.composite(weights, f32(rgb), t_mids, normalize_depth=True)
   tol = dict(rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(weights, expected["weights"], **tol)
   np.testing.assert_allclose(transmittance, expected["transmittance"], **tol)
-  for name in ("opacity", "depth", "rgb", "normal"):
+  for name in ("opacity", "depth", "rgb"):
     np.testing.assert_allclose(out[name], expected[name], **tol, err_msg=name)
   np.testing.assert_allclose(normalized["depth"], expected["normalized_depth"], **tol)
-  assert "normal" not in normalized
   assert out["opacity"][0] == 0 and normalized["depth"][0] == 0
   np.testing.assert_allclose(out["opacity"][1], 1.0, atol=1e-6)
 
@@ -147,8 +146,7 @@ def _constant_density_field(sigma, albedo=(0.2, 0.4, 0.6)):
     num_points = points.shape[0]
     return {"density": jnp.full((num_points,), sigma, jnp.float32),
             "albedo": jnp.broadcast_to(jnp.asarray(albedo, jnp.float32),
-                                       (num_points, 3)),
-            "normal": render.safe_normalize(points)}
+                                       (num_points, 3))}
   return field_fn
 
 
@@ -170,7 +168,7 @@ def test_constant_density_sphere_opacity_is_exact(num_importance, num_proposal):
   out = _render(
       _constant_density_field(sigma), rays, jax.random.key(0), num_samples=32,
       scene_radius=radius, num_importance=num_importance, num_proposal=num_proposal,
-      background_fn=functools.partial(bg.background_rgb, "solid", color=background))
+      background_fn=functools.partial(bg.solid_background, background))
   chord = 2 * np.sqrt(np.maximum(radius**2 - offsets**2, 0.0))
   expected_opacity = 1 - np.exp(-sigma * chord)
   np.testing.assert_allclose(out["opacity"], expected_opacity, atol=1e-5)
@@ -203,7 +201,7 @@ def test_proposal_sampling_finds_the_surface():
   (the remaining error is on rays that only graze an edge, which the 16
   proposal samples can miss)."""
   rays = _shapes_world_rays()
-  background_fn = functools.partial(bg.background_rgb, "solid")
+  background_fn = functools.partial(bg.solid_background, WHITE)
 
   def opacity_error(key, **kwargs):
     out = _render(_box_field, rays, key, scene_radius=1.0,
@@ -254,7 +252,7 @@ def test_proposal_edges_are_sorted_span_the_ray_and_carry_no_gradient():
                           num_samples=8, uniform_share=0.0)
   with pytest.raises(ValueError, match="choose one"):
     render.render_rays(_box_field, rays, None, num_samples=8, scene_radius=1.0,
-                       background_fn=functools.partial(bg.background_rgb, "solid"),
+                       background_fn=functools.partial(bg.solid_background, WHITE),
                        num_importance=4, num_proposal=4)
 
 
@@ -265,67 +263,11 @@ def test_dense_sphere_depth_is_entry_distance():
   out = _render(
       _constant_density_field(1e4), rays, None, num_samples=num_samples,
       scene_radius=1.0, normalize_depth=True,
-      background_fn=functools.partial(bg.background_rgb, "solid"))
+      background_fn=functools.partial(bg.solid_background, WHITE))
   near = 3.0 - np.sqrt(1 - offsets**2)
   bin_width = 2 * np.sqrt(1 - offsets**2) / num_samples
   np.testing.assert_allclose(out["depth"], near + bin_width / 2, atol=1e-4)
   np.testing.assert_allclose(out["opacity"], 1.0, atol=1e-6)
-
-
-def test_shading_modes():
-  albedo = jnp.array([[0.2, 0.5, 0.8], [0.9, 0.1, 0.3], [0.4, 0.4, 0.4]])
-  normals = jnp.array([[1.0, 0, 0], [0, 1.0, 0], [-1.0, 0, 0]])
-  light = jnp.broadcast_to(jnp.array([1.0, 0, 0]), (3, 3))  # facing, side, away
-  ambient, diffuse = 0.2, 0.7
-  lit = render.shade(albedo, normals, light, "lambertian", ambient, diffuse)
-  np.testing.assert_allclose(lit[0], albedo[0] * (ambient + diffuse), rtol=1e-6)
-  np.testing.assert_allclose(lit[1:], albedo[1:] * ambient, rtol=1e-6)
-  textureless = render.shade(albedo, normals, light, "textureless", ambient, diffuse)
-  other_albedo = render.shade(1 - albedo, normals, light, "textureless", ambient,
-                              diffuse)
-  np.testing.assert_array_equal(textureless, other_albedo)
-  np.testing.assert_allclose(textureless[:, 0], [0.9, 0.2, 0.2], rtol=1e-6)
-  np.testing.assert_array_equal(render.shade(albedo, None, None, "albedo"), albedo)
-  with pytest.raises(ValueError, match="unknown shading mode 'phong'"):
-    render.shade(albedo, normals, light, "phong")
-  with pytest.raises(ValueError, match="needs normals"):
-    render.shade(albedo, None, light, "lambertian")
-
-
-def test_lambertian_render_of_sphere_lit_from_the_camera():
-  # An opaque sphere seen head-on with the light at the camera: the center
-  # pixel's normal faces the light, so its color is albedo * (ambient + diffuse).
-  rays = _parallel_rays([0.0])
-  albedo = np.array([0.2, 0.4, 0.6])
-  common = dict(num_samples=512, scene_radius=1.0,
-                background_fn=functools.partial(bg.background_rgb, "solid"),
-                light_position=jnp.array([3.0, 0.0, 0.0]), ambient=0.3, diffuse=0.5)
-  field_fn = _constant_density_field(1e4, albedo)
-  lit = _render(field_fn, rays, None, shading="lambertian", **common)
-  np.testing.assert_allclose(lit["rgb"][0], albedo * 0.8, rtol=1e-3)
-  plain = _render(field_fn, rays, None, shading="textureless", **common)
-  np.testing.assert_allclose(plain["rgb"][0], 0.8, rtol=1e-3)
-  # Outward normals face the camera: nothing for the orientation loss.
-  np.testing.assert_allclose(lit["orientation_loss"], 0.0, atol=1e-6)
-  with pytest.raises(ValueError, match="needs a light_position"):
-    _render(field_fn, rays, None, shading="lambertian",
-            **{**common, "light_position": None})
-
-
-def test_orientation_loss_penalizes_normals_facing_away():
-  rays = _parallel_rays([0.0, 0.5])
-  def inward_field(points):
-    out = _constant_density_field(0.8)(points)
-    return {**out, "normal": -out["normal"]}
-  out = _render(inward_field, rays, None, num_samples=64, scene_radius=1.0,
-                background_fn=functools.partial(bg.background_rgb, "solid"))
-  t_mids = render.bin_midpoints(out["t_edges"])
-  points = rays.origins[:, None] + t_mids[..., None] * rays.directions[:, None]
-  cosine = np.sum(-np.asarray(render.safe_normalize(points)) *
-                  np.asarray(rays.directions)[:, None], axis=-1)
-  expected = np.sum(out["weights"] * np.maximum(cosine, 0)**2, axis=-1)
-  np.testing.assert_allclose(out["orientation_loss"], expected, rtol=1e-5)
-  assert np.all(expected > 0.05)
 
 
 def test_resample_concentrates_where_weights_are_high():
@@ -352,81 +294,42 @@ def test_resample_concentrates_where_weights_are_high():
       np.linspace(1.0, 3.0, 9), atol=1e-5)
 
 
-def test_sample_light_near_camera():
-  camera_position = cam.sample_cameras(jax.random.key(0), 512).position
-  light = render.sample_light(jax.random.key(1), camera_position)
-  ratio = np.linalg.norm(light, axis=-1) / np.linalg.norm(camera_position, axis=-1)
-  assert np.all((ratio >= 0.8 - 1e-5) & (ratio <= 1.5 + 1e-5))
-  def cosine_to_camera(light):
-    return np.sum(render.safe_normalize(light) *
-                  render.safe_normalize(camera_position), axis=-1)
-  cosine = cosine_to_camera(light)
-  assert np.mean(cosine) > 0.7 and np.mean(cosine > 0) > 0.95
-  assert np.std(cosine) > 0.05  # the direction is perturbed
-  unperturbed = render.sample_light(jax.random.key(1), camera_position,
-                                    direction_noise=0.0)
-  np.testing.assert_allclose(cosine_to_camera(unperturbed), 1.0, atol=1e-5)
-
-
-def test_backgrounds():
+def test_solid_background():
   directions = render.safe_normalize(jax.random.normal(jax.random.key(0), (10, 3)))
-  white = bg.background_rgb("solid", directions)
-  np.testing.assert_array_equal(white, np.ones((10, 3)))
-  random_a = bg.background_rgb("random", directions, key=jax.random.key(1))
-  random_b = bg.background_rgb("random", directions, key=jax.random.key(2))
-  np.testing.assert_array_equal(random_a, np.broadcast_to(random_a[0], (10, 3)))
-  assert not np.allclose(random_a, random_b)
-  mlp = bg.BackgroundMLP(hidden_width=8)
-  params = mlp.init(jax.random.key(3), directions)["params"]
-  learned = bg.background_rgb("mlp", directions, mlp=mlp, params=params)
-  assert learned.shape == (10, 3)
-  assert np.all((learned > 0) & (learned < 1))
-  assert np.ptp(np.asarray(learned), axis=0).max() > 1e-3  # depends on direction
-  with pytest.raises(ValueError, match="needs mlp="):
-    bg.background_rgb("mlp", directions)
-  with pytest.raises(ValueError, match="needs key="):
-    bg.background_rgb("random", directions)
-  with pytest.raises(ValueError, match="unknown background kind 'sky'"):
-    bg.background_rgb("sky", directions)
+  np.testing.assert_array_equal(bg.solid_background((1.0, 1.0, 1.0), directions),
+                                np.ones((10, 3)))
+  np.testing.assert_allclose(bg.solid_background((0.2, 0.4, 0.6), directions),
+                             np.broadcast_to([0.2, 0.4, 0.6], (10, 3)), rtol=1e-6)
 
 
 def test_render_rays_end_to_end_jit_and_grads():
-  keys = jax.random.split(jax.random.key(0), 3)
+  keys = jax.random.split(jax.random.key(0), 2)
   mlp = field.FieldMLP(hidden_width=16)
-  background_mlp = bg.BackgroundMLP(hidden_width=8)
   params = {
       "mlp": field.init_mlp_params(keys[0], mlp, TINY_SPEC),
       "tables": hashgrid.init_tables(keys[1], TINY_SPEC, init_scale=0.1),
-      "background": background_mlp.init(keys[2], jnp.zeros((1, 3)))["params"],
   }
   cameras = cam.sample_cameras(jax.random.key(1), 2)
   rays = cam.generate_rays(cameras, 6, 5)
   flat_rays = Rays(rays.origins.reshape(-1, 3), rays.directions.reshape(-1, 3))
   num_rays = flat_rays.origins.shape[0]
-  # One light per camera; the flattened rays are camera-major.
-  light = jnp.repeat(render.sample_light(jax.random.key(5), cameras.position),
-                     num_rays // 2, axis=0)
 
   def loss_and_out(params, key):
     field_fn = functools.partial(field.field_outputs, params["mlp"], params["tables"],
-                                 spec=TINY_SPEC, mlp=mlp, compute_normals=True)
-    background_fn = functools.partial(bg.background_rgb, "mlp", mlp=background_mlp,
-                                      params=params["background"])
+                                 spec=TINY_SPEC, mlp=mlp)
     out = render.render_rays(field_fn, flat_rays, key, num_samples=12,
-                             scene_radius=1.0, background_fn=background_fn,
-                             shading="lambertian", light_position=light,
+                             scene_radius=1.0,
+                             background_fn=functools.partial(bg.solid_background, WHITE),
                              num_importance=8)
-    return jnp.mean(out["rgb"]) + jnp.mean(out["orientation_loss"]), out
+    return jnp.mean(out["rgb"]), out
 
   (loss, out), grads = jax.jit(jax.value_and_grad(loss_and_out, has_aux=True))(
       params, jax.random.key(0))
   assert np.isfinite(loss)
   num_bins = 12 + 8 - 1  # stratified and importance bins share the endpoints
   expected_shapes = {"rgb": (num_rays, 3), "opacity": (num_rays,),
-                     "depth": (num_rays,), "normal": (num_rays, 3),
-                     "weights": (num_rays, num_bins),
-                     "t_edges": (num_rays, num_bins + 1),
-                     "orientation_loss": (num_rays,)}
+                     "depth": (num_rays,), "weights": (num_rays, num_bins),
+                     "t_edges": (num_rays, num_bins + 1)}
   assert {k: v.shape for k, v in out.items()} == expected_shapes
   assert np.all((out["rgb"] >= 0) & (out["rgb"] <= 1))
   for name, grad in grads.items():
@@ -439,15 +342,13 @@ def test_render_in_chunks_equals_one_batch():
   def blob_field(points):  # a density that varies from ray to ray
     radial = jnp.linalg.norm(points, axis=-1)
     return {"density": 30.0 * jnp.maximum(0.6 - radial, 0.0),
-            "albedo": 0.5 + 0.5 * jnp.tanh(points),
-            "normal": render.safe_normalize(points)}
+            "albedo": 0.5 + 0.5 * jnp.tanh(points)}
   rays = cam.generate_rays(cam.sample_cameras(jax.random.key(4), 2), 6, 5)
 
   def render_fn(rays):
     return render.render_rays(
         blob_field, rays, None, num_samples=16, scene_radius=1.0,
-        background_fn=functools.partial(bg.background_rgb, "solid"),
-        shading="lambertian", light_position=jnp.array([2.0, 0.0, 1.0]))
+        background_fn=functools.partial(bg.solid_background, WHITE))
 
   chunked = jax.jit(
       lambda rays: render.render_in_chunks(render_fn, rays, chunk_size=7))(rays)

@@ -261,6 +261,39 @@ def test_four_devices_match_one_device(model_parallelism):
   np.testing.assert_allclose(four["param_sum"], one["param_sum"], rtol=1e-5)
 
 
+def test_prompts_file_trains_every_line_and_holds_none_out(tmp_path):
+  path = tmp_path / "prompts.txt"
+  path.write_text("# my prompts\na red cube\na dragon made of glass\n")
+  config = quick_config(prompts__file=str(path))
+  prompt_set = prompt_data.load_prompts(config)
+  assert prompt_set.train == ["a red cube", "a dragon made of glass"]
+  assert prompt_set.heldout == []
+  path.write_text("a red cube\n\na blue torus\n")
+  with pytest.raises(ValueError, match=r"prompts.txt:2: blank line"):
+    prompt_data.load_prompts(config)
+  path.write_text("# nothing but a comment\n")
+  with pytest.raises(ValueError, match="prompts.file.*holds no prompts"):
+    prompt_data.load_prompts(config)
+  with pytest.raises(ValueError, match="missing"):
+    prompt_data.load_prompts(quick_config(prompts__file=str(tmp_path / "absent.txt")))
+
+
+def test_prompts_file_run_evaluates_the_training_prompts_only(tmp_path):
+  path = tmp_path / "prompts.txt"
+  path.write_text("a red cube\na blue torus\n")
+  config = quick_config(prompts__file=str(path), batch__prompts_per_step=2)
+  built = build_lib.build(config, guidance=oracle_guidance())
+  assert built.train_tables.prompts == ["a red cube", "a blue torus"]
+  assert built.heldout_tables is None
+  config.eval.elevations_deg = (20.0,)
+  config.eval.views_per_elevation = 2
+  config.eval.kind = "shapes"  # both prompts are in the shapes grammar: GT exists
+  results = evaluation.evaluate(config, built.model, built.guidance, built.state["params"],
+                                built.state["stats"], built.train_tables, None, 0.0)
+  assert results["heldout"] is None
+  assert [row["prompt"] for row in results["per_prompt"]] == ["a red cube", "a blue torus"]
+
+
 def test_unknown_prompt_set_lists_the_available_ones():
   config = quick_config(prompts__set="shapes_9000")
   with pytest.raises(ValueError, match="available"):

@@ -28,9 +28,8 @@ def field_mlp(config: ml_collections.ConfigDict) -> field_lib.FieldMLP:
 
 
 def field_fn(params: dict, spec: hashgrid.HashGridSpec, mlp: field_lib.FieldMLP,
-             config: ml_collections.ConfigDict,
-             compute_normals: bool = False) -> render_lib.FieldFn:
-  """points [N, 3] -> dict(density, albedo[, normal]) of one NeRF.
+             config: ml_collections.ConfigDict) -> render_lib.FieldFn:
+  """points [N, 3] -> dict(density, albedo) of one NeRF.
 
   Args:
     params: {"tables": [L, T, F], "mlp": FieldMLP params}.
@@ -39,8 +38,7 @@ def field_fn(params: dict, spec: hashgrid.HashGridSpec, mlp: field_lib.FieldMLP,
       field_lib.field_outputs, params["mlp"], params["tables"], spec=spec, mlp=mlp,
       scene_radius=config.render.scene_radius,
       density_activation=config.field.density_activation,
-      bias_scale=config.field.bias_scale, bias_radius=config.field.bias_radius,
-      compute_normals=compute_normals)
+      bias_scale=config.field.bias_scale, bias_radius=config.field.bias_radius)
 
 
 def render_fn(params: dict, spec: hashgrid.HashGridSpec, mlp: field_lib.FieldMLP,
@@ -49,15 +47,11 @@ def render_fn(params: dict, spec: hashgrid.HashGridSpec, mlp: field_lib.FieldMLP
   """Rays [N, 3] -> `render.render_rays` outputs, over a solid background,
   with `config.render`'s sampling and albedo shading; `key=None` renders
   deterministically (evaluation)."""
-  if config.render.shading != "albedo":
-    raise ValueError(f"render_fn renders albedo shading only; config.render.shading is "
-                     f"{config.render.shading!r}")
-  background_fn = functools.partial(background_lib.background_rgb, "solid",
-                                    color=background_color)
+  background_fn = functools.partial(background_lib.solid_background, background_color)
   return lambda rays: render_lib.render_rays(
       field_fn(params, spec, mlp, config), rays, key,
       num_samples=config.render.num_samples, scene_radius=config.render.scene_radius,
-      background_fn=background_fn, shading="albedo",
+      background_fn=background_fn,
       num_importance=config.render.num_importance,
       num_proposal=config.render.num_proposal)
 

@@ -9,9 +9,8 @@ Pure functions of arrays (multinerf style). Conventions:
     the bin's midpoint, and is taken as constant over the bin: the quadrature
     of NeRF (Mildenhall et al. 2020, eq. 3) with exact bin widths, so the edges
     cover `[near, far]` exactly and a constant density gives the exact opacity.
-  * Shading follows DreamFusion (Poole et al. 2022, sec. 3.1 / appendix):
-    albedo, or a Lambertian point light (`lambertian`), or the same light on a
-    white surface (`textureless`).
+  * Colors are the field's albedo: the guidance models this project trains
+    with see baked lighting, so no shading model is applied.
 """
 
 import math
@@ -25,7 +24,6 @@ from att3d_jax.nerf.cameras import Cameras
 from att3d_jax.nerf.cameras import Rays
 from att3d_jax.nerf.cameras import generate_rays
 
-SHADING_MODES = ("albedo", "lambertian", "textureless")
 # Floor added to every bin's weight before importance resampling, so that rays
 # with no opacity (or all mass in one bin) still resample the whole interval.
 RESAMPLE_WEIGHT_FLOOR = 1e-5
@@ -41,11 +39,6 @@ def safe_normalize(vectors: jax.Array) -> jax.Array:
   value or gradient)."""
   squared = jnp.sum(vectors * vectors, axis=-1, keepdims=True)
   return vectors * jax.lax.rsqrt(jnp.maximum(squared, NORMALIZE_EPS))
-
-
-def _check_shading_mode(mode: str):
-  if mode not in SHADING_MODES:
-    raise ValueError(f"unknown shading mode {mode!r}; expected one of {SHADING_MODES}")
 
 
 def intersect_sphere(rays: Rays, radius: float) -> tuple[jax.Array, jax.Array]:
@@ -150,7 +143,6 @@ def compute_alpha_weights(density: jax.Array, t_edges: jax.Array,
 
 
 def composite(weights: jax.Array, rgb: jax.Array, t_mids: jax.Array,
-              normals: Optional[jax.Array] = None,
               normalize_depth: bool = False) -> dict[str, jax.Array]:
   """Accumulates per-bin quantities along each ray.
 
@@ -158,7 +150,6 @@ def composite(weights: jax.Array, rgb: jax.Array, t_mids: jax.Array,
     weights: `[num_rays, num_bins]` from `compute_alpha_weights`.
     rgb: `[num_rays, num_bins, 3]` per-bin color.
     t_mids: `[num_rays, num_bins]` bin midpoints.
-    normals: optional `[num_rays, num_bins, 3]` per-bin unit normals.
     normalize_depth: False gives the expected depth `sum_i w_i t_i` (the
       background counts as depth 0); True divides by the opacity, i.e. the
       expected depth of the surface given that the ray hits it (0 where the
@@ -166,9 +157,7 @@ def composite(weights: jax.Array, rgb: jax.Array, t_mids: jax.Array,
 
   Returns:
     dict with rgb `[num_rays, 3]` (foreground only, no background), opacity
-    `[num_rays]`, depth `[num_rays]`, and, given normals, normal
-    `[num_rays, 3]` = `sum_i w_i n_i` (not renormalized: its length is at most
-    the opacity, so it fades out with the object like rgb does).
+    `[num_rays]` and depth `[num_rays]`.
   """
   chex.assert_rank([weights, rgb, t_mids], [2, 3, 2])
   chex.assert_equal_shape([weights, t_mids])
@@ -182,69 +171,7 @@ def composite(weights: jax.Array, rgb: jax.Array, t_mids: jax.Array,
       "opacity": opacity,
       "depth": depth,
   }
-  if normals is not None:
-    chex.assert_equal_shape([rgb, normals])
-    out["normal"] = jnp.einsum("rs,rsc->rc", weights, normals)
   return out
-
-
-def shade(albedo: jax.Array, normals: Optional[jax.Array],
-          light_directions: Optional[jax.Array], mode: str,
-          ambient: float = 0.1, diffuse: float = 0.9) -> jax.Array:
-  """Surface color under DreamFusion's shading modes.
-
-  Args:
-    albedo: `[..., 3]` in [0, 1].
-    normals: `[..., 3]` unit outward normals (unused for "albedo").
-    light_directions: `[..., 3]` unit vectors from the point toward the light
-      (unused for "albedo").
-    mode: "albedo" returns the albedo; "lambertian" returns
-      `albedo * (ambient + diffuse * max(0, n . l))`; "textureless" is the same
-      with a white albedo, so only the geometry shows.
-    ambient, diffuse: light intensities.
-
-  Returns:
-    rgb: `[..., 3]`.
-  """
-  _check_shading_mode(mode)
-  if mode == "albedo":
-    return albedo
-  if normals is None or light_directions is None:
-    raise ValueError(f"shading mode {mode!r} needs normals and light directions; "
-                     "got normals={normals is not None}, light_directions="
-                     f"{light_directions is not None}")
-  chex.assert_equal_shape([albedo, normals, light_directions])
-  cosine = jnp.sum(normals * light_directions, axis=-1, keepdims=True)
-  light = ambient + diffuse * jnp.maximum(cosine, 0.0)
-  if mode == "textureless":
-    return jnp.broadcast_to(light, albedo.shape)
-  return albedo * light
-
-
-def sample_light(key: jax.Array, camera_position: jax.Array,
-                 direction_noise: float = 0.5,
-                 distance_scale_range: tuple[float, float] = (0.8, 1.5)) -> jax.Array:
-  """A random point light near the camera (DreamFusion).
-
-  The light's direction from the origin is the camera's, perturbed by Gaussian
-  noise of std `direction_noise` (per unit of direction) and renormalized; its
-  distance is the camera's distance times a uniform factor in
-  `distance_scale_range`, so the lit side is mostly the visible side.
-
-  Args:
-    key: PRNG key.
-    camera_position: `[..., 3]`, away from the origin.
-
-  Returns:
-    light_position: `[..., 3]`.
-  """
-  direction_key, distance_key = jax.random.split(key)
-  distance = jnp.linalg.norm(camera_position, axis=-1, keepdims=True)
-  direction = camera_position / distance + direction_noise * jax.random.normal(
-      direction_key, camera_position.shape, camera_position.dtype)
-  scale = jax.random.uniform(distance_key, distance.shape, distance.dtype,
-                             *distance_scale_range)
-  return safe_normalize(direction) * distance * scale
 
 
 def resample(key: Optional[jax.Array], t_edges: jax.Array, weights: jax.Array,
@@ -338,16 +265,13 @@ def proposal_edges(field_fn: FieldFn, rays: Rays, near: jax.Array, far: jax.Arra
 
 def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
                 num_samples: int, scene_radius: float, background_fn: BackgroundFn,
-                shading: str = "albedo", light_position: Optional[jax.Array] = None,
-                ambient: float = 0.1, diffuse: float = 0.9, num_importance: int = 0,
-                num_proposal: int = 0, proposal_uniform_share: float = 0.1,
+                num_importance: int = 0, num_proposal: int = 0,
+                proposal_uniform_share: float = 0.1,
                 normalize_depth: bool = False) -> dict[str, jax.Array]:
   """Renders rays through a field inside the scene sphere over a background.
 
   Args:
-    field_fn: points `[N, 3]` -> dict(density `[N]`, albedo `[N, 3]`, and
-      normal `[N, 3]` (unit, outward), which the "lambertian" and
-      "textureless" modes need).
+    field_fn: points `[N, 3]` -> dict(density `[N]`, albedo `[N, 3]`).
     rays: origins and directions `[num_rays, 3]`.
     key: PRNG key for stratified and importance sampling; None renders
       deterministically (regular bins), e.g. for evaluation.
@@ -356,10 +280,6 @@ def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
       rendered outside it.
     background_fn: directions `[num_rays, 3]` -> rgb `[num_rays, 3]`, seen
       through the transparent part of each ray (see background.py).
-    shading: one of SHADING_MODES.
-    light_position: point-light position `[3]` or `[num_rays, 3]`, required
-      unless shading is "albedo" (see `sample_light`).
-    ambient, diffuse: light intensities for `shade`.
     num_importance: if > 0, a second pass evaluates the same field at the
       union of the stratified bins and `num_importance` bins resampled from
       the first pass's weights (hierarchical sampling, NeRF sec. 5.2).
@@ -376,15 +296,8 @@ def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
     dict with rgb `[num_rays, 3]` (over the background), opacity `[num_rays]`,
     depth `[num_rays]`, weights `[num_rays, num_bins]`, t_edges
     `[num_rays, num_bins + 1]` (num_bins = num_samples + num_importance - 1
-    with importance sampling, else num_samples), and, when the field returns
-    normals, normal `[num_rays, 3]` and orientation_loss `[num_rays]`:
-    DreamFusion's `sum_i stop_grad(w_i) max(0, n_i . d)^2`, which penalizes
-    visible normals that face away from the camera.
+    with importance sampling, else num_samples).
   """
-  _check_shading_mode(shading)
-  if shading != "albedo" and light_position is None:
-    raise ValueError(f"shading={shading!r} needs a light_position (see sample_light); "
-                     "got None")
   chex.assert_rank([rays.origins, rays.directions], 2)
   stratified_key = importance_key = None
   if key is not None:
@@ -409,30 +322,14 @@ def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
     fine_edges = resample(importance_key, t_edges, coarse_weights, num_importance)
     t_edges = _merge_edges(t_edges, fine_edges)
 
-  points, t_mids, samples = _evaluate_field(field_fn, rays, t_edges)
+  _, t_mids, samples = _evaluate_field(field_fn, rays, t_edges)
   weights, _ = compute_alpha_weights(samples["density"], t_edges, rays.directions)
-  normals = samples.get("normal")
-  if shading != "albedo" and normals is None:
-    raise ValueError(f"shading={shading!r} needs normals but field_fn returned keys "
-                     f"{sorted(samples)}; ask the field for normals "
-                     "(field_outputs(..., compute_normals=True))")
-  light_directions = None
-  if shading != "albedo":
-    light_position = jnp.broadcast_to(light_position, rays.origins.shape)
-    light_directions = safe_normalize(light_position[:, None, :] - points)
-  rgb_samples = shade(samples["albedo"], normals, light_directions, shading,
-                      ambient, diffuse)
-  out = composite(weights, rgb_samples, t_mids, normals, normalize_depth)
+  out = composite(weights, samples["albedo"], t_mids, normalize_depth)
   background = background_fn(rays.directions)
   chex.assert_equal_shape([background, rays.directions])
   out["rgb"] = out["rgb"] + (1.0 - out["opacity"])[:, None] * background
   out["weights"] = weights
   out["t_edges"] = t_edges
-  if normals is not None:
-    facing_away = jnp.maximum(
-        jnp.sum(normals * rays.directions[:, None, :], axis=-1), 0.0)
-    out["orientation_loss"] = jnp.sum(
-        jax.lax.stop_gradient(weights) * facing_away**2, axis=-1)
   return out
 
 
