@@ -112,7 +112,14 @@ def sample_batch(config: ml_collections.ConfigDict, tables: PromptTables, step: 
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _DATA_STREAM),
                            step)
   index_key, mixed_key, alpha_key, scale_key = jax.random.split(key, 4)
-  index = np.asarray(jax.random.randint(index_key, (rows, k), 0, len(tables.prompts)))
+  if config.batch.without_replacement:  # every prompt at most once per step
+    if rows > len(tables.prompts) or k > 1:
+      raise ValueError(f"batch.without_replacement draws batch.prompts_per_step={rows} "
+                       f"distinct prompts of {len(tables.prompts)}, one per row: needs "
+                       "at most that many rows and interpolation.kind='none'")
+    index = np.asarray(jax.random.permutation(index_key, len(tables.prompts)))[:rows, None]
+  else:
+    index = np.asarray(jax.random.randint(index_key, (rows, k), 0, len(tables.prompts)))
   alpha = np.zeros((rows, k), np.float32)
   alpha[:, 0] = 1.0
   if k > 1:

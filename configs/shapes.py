@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch = ml_collections.ConfigDict()
   config.batch.prompts_per_step = 8  # B rows, sharded over devices
   config.batch.views_per_prompt = 2  # V rendered views per row
+  # Rows are distinct prompts (a random permutation's first B) instead of
+  # draws with replacement; with B = the number of prompts, every prompt
+  # trains every step (the per-prompt baseline, configs/sds_single.py).
+  config.batch.without_replacement = False
 
   # Interpolation training (att3d_jax/amortize/interpolation.py).
   config.interpolation = ml_collections.ConfigDict()

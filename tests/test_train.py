@@ -120,6 +120,19 @@ def test_sample_batch_is_a_function_of_seed_and_step():
   np.testing.assert_allclose(first["mapping_input"], mixed, rtol=1e-6)
 
 
+def test_batch_without_replacement_covers_every_prompt():
+  config = quick_config(batch__without_replacement=True, batch__prompts_per_step=56)
+  tables = prompt_data.prompt_tables(oracle_guidance(), prompt_data.load_prompts(config).train)
+  for step in (0, 1):
+    batch = prompt_data.sample_batch(config, tables, step)
+    assert sorted(batch["prompt_index"].tolist()) == list(range(56))
+  first = prompt_data.sample_batch(quick_config(batch__without_replacement=True), tables, 0)
+  assert len(set(first["prompt_index"].tolist())) == 4
+  with pytest.raises(ValueError, match="without_replacement"):
+    prompt_data.sample_batch(quick_config(batch__without_replacement=True,
+                                          batch__prompts_per_step=57), tables, 0)
+
+
 def test_guidance_weight_column_spans_its_range():
   config = quick_config(guidance__amortize_scale=True)
   tables = prompt_data.prompt_tables(oracle_guidance(), prompt_data.load_prompts(config).train)
