@@ -8,9 +8,10 @@ prompt -> text embedding -> mapping network -> hash grid -> renders. Per
 prompt, writes a turntable (GIF and MP4), a mesh (.obj and .glb) and a PNG
 contact sheet; `--interpolate A B` writes a video (GIF, MP4) and a strip PNG
 of the path from A to B. Without --workdir the shipped pretrained shapes model
-(weights/att3d_shapes) is used. `--json` prints one JSON line per prompt with
-the latency of each stage in ms (embed, mapping, render of one 64x64 view,
-mesh); the first prompt includes compilation, later ones do not.
+(package data, att3d_jax/weights/att3d_shapes) is used. `--json` prints one
+JSON line per prompt with the latency of each stage in ms (embed, mapping,
+render of one 64x64 view, mesh); the first prompt includes compilation, later
+ones do not.
 """
 
 import json
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from att3d_jax import assets
 from att3d_jax import compilation_cache
 from att3d_jax import train
 from att3d_jax.amortize import model as model_lib
@@ -36,8 +38,7 @@ from att3d_jax.nerf import mesh as mesh_lib
 from att3d_jax.nerf import render as render_lib
 from att3d_jax.nerf import turntable
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHIPPED_MODEL = REPO_ROOT / "weights" / "att3d_shapes"
+SHIPPED_MODEL = assets.shipped("att3d_shapes")
 PARAMS_FILE = "params.msgpack"
 
 
@@ -77,10 +78,6 @@ def load_trained(path: str, guidance_path: Optional[str] = None) -> TrainedModel
   config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
   if guidance_path:
     config.guidance.path = guidance_path
-  elif config.guidance.kind == "shapes" and not os.path.isabs(config.guidance.path):
-    # Relative model paths are relative to the repository (where training ran).
-    if not os.path.isdir(config.guidance.path):
-      config.guidance.path = str(REPO_ROOT / config.guidance.path)
   guidance = train.load_guidance(config)
   train_prompts = train.load_prompts(config).train
   dim = guidance.embed(train_prompts[:1]).shape[1]

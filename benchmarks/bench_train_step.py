@@ -3,7 +3,7 @@ before/after table of a speedup, measured side by side.
 
     git worktree add /tmp/before <rev>
     for repo in /tmp/before .; do
-      python benchmarks/bench_train_step.py --repo=$repo --guidance_path=weights/shapes
+      python benchmarks/bench_train_step.py --repo=$repo --guidance_path=att3d_jax/weights/shapes
     done
 
 Each call imports att3d_jax and configs from --repo (so run it as a script, not
@@ -45,7 +45,7 @@ def build_step(config):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repo", default=".", help="checkout whose att3d_jax is timed")
-  parser.add_argument("--guidance_path", default="weights/shapes",
+  parser.add_argument("--guidance_path", default="att3d_jax/weights/shapes",
                       help="the shapes guidance model (diffusers folder)")
   parser.add_argument("--steps", type=int, default=15, help="timed steps after compiling")
   args = parser.parse_args()

@@ -200,7 +200,7 @@ def train_step_against_first_version(runs: int = 3) -> tuple[list[dict], list[di
         for repo in results:
           results[repo].append(_json_result(
               [sys.executable, os.path.join("benchmarks", "bench_train_step.py"),
-               f"--repo={repo}", "--guidance_path=weights/shapes"], env))
+               f"--repo={repo}", "--guidance_path=att3d_jax/weights/shapes"], env))
     finally:
       subprocess.run(["git", "worktree", "remove", "--force", first], capture_output=True)
   return results["."], results[first]

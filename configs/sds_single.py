@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prompts = (
       "a red sphere", "an orange cube", "a yellow cylinder", "a green cone",
       "a blue torus", "a purple pyramid", "a pink capsule", "a white octahedron")
-  config.model_dir = "weights/shapes"  # the shapes diffusion model (diffusers folder)
+  config.model_dir = "weights/shapes"  # diffusers folder; weights/<name> = shipped (assets.py)
 
   # The grid of configs/shapes.py: the 32x32 images need no finer one. (The
   # previous 8 levels of 2^14 up to resolution 96, with CFG 5, constant rates

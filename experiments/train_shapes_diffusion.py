@@ -8,7 +8,7 @@ for classifier-free guidance. Renders happen inside the jitted step (the GT
 renderer is jnp), so every step sees fresh scenes and views.
 
   python -m experiments.train_shapes_diffusion --config=configs/shapes_diffusion.py \
-      --workdir=runs/shapes_diffusion --export=weights/shapes
+      --workdir=runs/shapes_diffusion --export=att3d_jax/weights/shapes
 
 Resumes from --workdir/checkpoint.msgpack; --init_from=weights/shapes continues
 from the shipped weights in a fresh workdir (fresh optimizer). With --export, writes the EMA
@@ -36,6 +36,7 @@ import numpy as np
 import optax
 import tqdm
 
+from att3d_jax import assets
 from att3d_jax import xla_cpu
 from att3d_jax.guidance import minilm
 from att3d_jax.guidance import schedule
@@ -227,7 +228,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
   module_config = unet_lib.UNetConfig.from_dict(dict(config.unet))
   module = unet_lib.UNet2DConditionModel(module_config)
   if init_from:
-    loaded = unet_lib.load_unet(init_from)
+    loaded = unet_lib.load_unet(assets.resolve(init_from))
     if loaded.config != module_config:
       raise ValueError(f"--init_from={init_from!r} holds a UNet whose config differs from "
                        "config.unet; train it with the config it was made with")
@@ -307,7 +308,7 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", "runs/shapes_diffusion", "checkpoints and logs")
   _EXPORT = flags.DEFINE_string("export", None, "write the EMA model here (diffusers folder)")
   _INIT_FROM = flags.DEFINE_string(
-      "init_from", None, "start from this diffusers folder's UNet (e.g. weights/shapes) "
-      "instead of a random init, to continue training a shipped model; ignored when "
+      "init_from", None, "start from this diffusers folder's UNet (weights/shapes: the "
+      "shipped one) instead of a random init, to continue training a shipped model; ignored when "
       "--workdir holds a checkpoint")
   app.run(main)

@@ -14,13 +14,14 @@ import torch
 
 import conftest
 
+from att3d_jax import assets
 from att3d_jax.shapes import diffusion
 from configs import sds_single as sds_single_config
 from configs import shapes_diffusion as shapes_diffusion_config
 from experiments import sds_single
 from experiments import train_shapes_diffusion
 
-SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "weights" / "shapes"
+SHIPPED = assets.shipped("shapes")
 SHIPPED_SIZE_LIMIT = 25 * 2**20  # bytes: the model ships inside the repository
 
 

@@ -1,6 +1,6 @@
 """The shapes-world text-to-image model: text conditioning and its denoiser.
 
-The shipped UNet (weights/shapes/, trained by experiments/train_shapes_diffusion.py)
+The shipped UNet (att3d_jax/weights/shapes/, trained by experiments/train_shapes_diffusion.py)
 is a diffusers UNet2DConditionModel conditioned two ways on all-MiniLM-L6-v2
 (guidance/minilm.py): cross-attention over the token embeddings, and the pooled
 sentence embedding added to the time embedding (`class_embed_type="projection"`).
@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from att3d_jax import assets
 from att3d_jax.guidance import minilm
 from att3d_jax.guidance import schedule
 from att3d_jax.guidance import unet as unet_lib
 
-# The shipped model, relative to the repository root.
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "weights", "shapes")
+DEFAULT_MODEL_DIR = "weights/shapes"  # the shipped model (assets.resolve finds it)
 TEXT_ENCODER_FILE = "text_encoder.json"  # which MiniLM and how it is used
 
 
@@ -77,7 +77,7 @@ class ShapesDiffusionModel:
   """
 
   def __init__(self, model_dir: str = DEFAULT_MODEL_DIR):
-    model_dir = os.path.abspath(model_dir)
+    model_dir = os.path.abspath(assets.resolve(model_dir))
     text_file = os.path.join(model_dir, TEXT_ENCODER_FILE)
     if not os.path.isfile(text_file):
       raise FileNotFoundError(
