@@ -45,6 +45,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
+from att3d_jax import names
 from att3d_jax.amortize import interpolation
 from att3d_jax.amortize import model as model_lib
 from att3d_jax.eval import shapes_eval
@@ -511,7 +512,7 @@ def write_outputs(config, model, guidance, params, stats, tables: PromptTables,
   frames = render(params, stats, inputs, index, cameras)["rgb"]
   mapped, _ = jax.jit(model.apply_mapping)(params, stats, inputs, index)
   for i, row in enumerate(rows):
-    name = tables.prompts[row].replace(" ", "_")
+    name = names.for_prompt(tables.prompts[row])
     turntable.write_gif(frames[i], out_dir / f"{name}.gif", fps=12)
     turntable.save_png(turntable.contact_sheet(frames[i][::max(1, len(frames[i]) // 8)]),
                        out_dir / f"{name}.png")
