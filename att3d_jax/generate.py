@@ -14,6 +14,7 @@ render of one 64x64 view, mesh); the first prompt includes compilation, later
 ones do not.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -131,12 +132,12 @@ class Generator:
                                       jnp.zeros((mapping_input.shape[0],), jnp.int32))
       return mapped
 
-    @jax.jit
-    def render(mapped, cameras):
+    @functools.partial(jax.jit, static_argnames="normals")
+    def render(mapped, cameras, normals: bool = False):
       conditioning = None if mapped.conditioning is None else mapped.conditioning[0]
       return render_lib.render_images(
           model.render_fn(trained.params["mlp"], mapped.tables[0], conditioning, None,
-                          trained.guidance.background_color),
+                          trained.guidance.background_color, compute_normals=normals),
           cameras, image_size, image_size)
 
     self.mapping, self.render = mapping, render

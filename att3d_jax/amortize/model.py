@@ -182,14 +182,15 @@ class ATT3DModel:
         threshold=self.surface_density(), clip_to_sphere=True, keep_largest_component=True)
 
   def render_fn(self, mlp_params, tables: jax.Array, conditioning: Optional[jax.Array],
-                key: Optional[jax.Array], background_color: Sequence[float]
-                ) -> Callable[[Rays], dict]:
+                key: Optional[jax.Array], background_color: Sequence[float],
+                compute_normals: bool = False) -> Callable[[Rays], dict]:
     """Rays [N, 3] -> `render.render_rays` outputs (albedo shading, solid
-    background); key=None renders deterministically (evaluation)."""
+    background; with compute_normals also "normal"); key=None renders
+    deterministically (evaluation)."""
     background_fn = functools.partial(background_lib.background_rgb, "solid",
                                       color=background_color)
     return lambda rays: render_lib.render_rays(
-        self.field_fn(mlp_params, tables, conditioning), rays, key,
+        self.field_fn(mlp_params, tables, conditioning, compute_normals), rays, key,
         num_samples=self.num_samples, scene_radius=self.scene_radius,
         background_fn=background_fn, shading="albedo", num_importance=self.num_importance,
         num_proposal=self.num_proposal)
