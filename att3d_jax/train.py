@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from att3d_jax import names
+from att3d_jax import tensorboard
 from att3d_jax.amortize import interpolation
 from att3d_jax.amortize import model as model_lib
 from att3d_jax.eval import shapes_eval
@@ -431,7 +432,8 @@ def make_render_prompts(model: model_lib.ATT3DModel, background_color, height: i
 
   def render_prompts(params, stats, inputs, index, cameras):
     outs = []
-    for start in range(0, len(inputs), chunk):
+    for start in tqdm.tqdm(range(0, len(inputs), chunk), desc="rendering prompts",
+                           leave=False, disable=len(inputs) <= chunk):
       part_inputs, part_index = inputs[start:start + chunk], index[start:start + chunk]
       padding = chunk - len(part_inputs)  # one shape, one compilation
       part_inputs = np.concatenate([part_inputs, np.repeat(part_inputs[-1:], padding, 0)])
@@ -511,7 +513,7 @@ def write_outputs(config, model, guidance, params, stats, tables: PromptTables,
   index = rows.astype(np.int32)
   frames = render(params, stats, inputs, index, cameras)["rgb"]
   mapped, _ = jax.jit(model.apply_mapping)(params, stats, inputs, index)
-  for i, row in enumerate(rows):
+  for i, row in enumerate(tqdm.tqdm(rows, desc="turntables and meshes", leave=False)):
     name = names.for_prompt(tables.prompts[row])
     turntable.write_gif(frames[i], out_dir / f"{name}.gif", fps=12)
     turntable.save_png(turntable.contact_sheet(frames[i][::max(1, len(frames[i]) // 8)]),
@@ -706,11 +708,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log, writer = None, None
   if writes:
     log = open(workdir / "metrics.jsonl", "a")
-    try:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
-    except ImportError:
-      pass
+    writer = tensorboard.open_writer(workdir / "tensorboard")
     (workdir / "samples").mkdir(exist_ok=True)
 
   def local_params():
@@ -726,6 +724,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results = evaluate(config, model, guidance, *local_params(), train_tables,
                        heldout_tables, frames_per_prompt(config, step, num_train))
     results.pop("per_prompt")
+    tensorboard.add_results(writer, "eval_curve", results, step)
     with open(workdir / "eval_curve.jsonl", "a") as curve:
       curve.write(json.dumps({"step": step, **results}) + "\n")
 
@@ -767,8 +766,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % config.train.checkpoint_every == 0:
         manager.save(step, args=ocp.args.StandardSave(state))
       if writes and config.train.sample_every and step % config.train.sample_every == 0:
-        sample_sheet(config, model, guidance, *local_params(), train_tables,
-                     workdir / "samples" / f"step_{step:06d}.png")
+        sheet = workdir / "samples" / f"step_{step:06d}.png"
+        sample_sheet(config, model, guidance, *local_params(), train_tables, sheet)
+        tensorboard.add_image_file(writer, "samples", sheet, step)
       if config.eval.curve_every and step % config.eval.curve_every == 0:
         log_curve(step)
       if preemption.reached(step) or step == stop_at:
@@ -786,7 +786,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   manager.wait_until_finished()
   if log is not None:
     log.close()
-  if writer is not None:
+  if writer is not None and preempted:
     writer.close()
   if preempted:
     print(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
@@ -801,6 +801,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not writes:
     return results
   (workdir / "eval.json").write_text(json.dumps(results, indent=2))
+  tensorboard.add_results(writer, "eval", results, step)
   if config.eval.write_outputs:
     num_show = min(config.eval.num_train_outputs, num_train)
     write_outputs(config, model, guidance, params, stats, train_tables,
@@ -808,4 +809,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if heldout_tables is not None and config.mapping.kind != "per_prompt":
       write_outputs(config, model, guidance, params, stats, heldout_tables,
                     np.arange(len(heldout_tables.prompts)), workdir / "outputs" / "heldout")
+    tensorboard.add_image_folder(writer, "outputs", workdir / "outputs", step)
+  writer.close()
   return results

@@ -37,6 +37,7 @@ import optax
 import tqdm
 
 from att3d_jax import assets
+from att3d_jax import tensorboard
 from att3d_jax import xla_cpu
 from att3d_jax.guidance import minilm
 from att3d_jax.guidance import schedule
@@ -256,6 +257,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
                                mesh)
 
   log = open(workdir / "metrics.jsonl", "a")
+  writer = tensorboard.open_writer(workdir / "tensorboard")
   start = time.time()
   step = start_step
   progress = tqdm.tqdm(range(start_step, config.num_steps), initial=start_step,
@@ -268,11 +270,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
       progress.set_postfix(loss=f"{metrics['loss']:.4f}")
       log.write(json.dumps({"step": done, "seconds": time.time() - start, **metrics}) + "\n")
       log.flush()
+      for name, value in metrics.items():
+        writer.add_scalar(f"train/{name}", value, done)
     if done % config.checkpoint_every == 0:
       save_checkpoint(checkpoint, state, done)
     if config.sample_every and done % config.sample_every == 0:
       preview_grid(module, state["ema_params"], encoder, alphas_cumprod, config,
                    workdir / f"samples_{done:06d}.png", jax.random.fold_in(root_key, 2))
+      tensorboard.add_image_file(writer, "samples", workdir / f"samples_{done:06d}.png", done)
     if time.time() - start > config.time_budget_s:
       print(f"\ntime budget of {config.time_budget_s:.0f} s reached at step {done}")
       break
@@ -282,6 +287,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
   save_checkpoint(checkpoint, state, done)
   preview_grid(module, state["ema_params"], encoder, alphas_cumprod, config,
                workdir / "samples_final.png", jax.random.fold_in(root_key, 2))
+  tensorboard.add_image_file(writer, "samples", workdir / "samples_final.png", done)
+  writer.close()
   if export_dir:
     export(export_dir, config, module_config, state["ema_params"])
   seconds = time.time() - start

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import conftest
+import test_tensorboard
 
 from att3d_jax import assets
 from att3d_jax.shapes import diffusion
@@ -125,6 +126,8 @@ def test_train_quick_checkpoints_resumes_and_exports(tmp_path):
   summary = train_shapes_diffusion.train(config, str(workdir), str(export_dir))
   assert summary["steps"] == config.num_steps  # resumed, then two more steps
   assert (workdir / "samples_final.png").exists()
+  events = test_tensorboard.read_events(workdir / "tensorboard")
+  assert "samples" in events and "train/loss" in events
   diffusion.ShapesDiffusionModel(str(export_dir))  # loads
 
 

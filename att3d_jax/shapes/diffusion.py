@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from att3d_jax import assets
 from att3d_jax.guidance import minilm
@@ -49,7 +50,8 @@ def encode_captions(encoder: minilm.MiniLMEncoder, captions: Sequence[str],
   """
   batch_size = min(batch_size, 1 << max(0, (len(captions) - 1).bit_length()))
   chunks = []
-  for start in range(0, len(captions), batch_size):
+  for start in tqdm.tqdm(range(0, len(captions), batch_size), desc="text encoding",
+                         unit="batch", leave=False, disable=len(captions) <= batch_size):
     batch = list(captions[start:start + batch_size])
     padding = batch_size - len(batch)  # keep one batch shape: one compilation
     out = encoder.encode(batch + batch[-1:] * padding)
