@@ -121,6 +121,12 @@ def test_old_request_folders_are_pruned(tmp_path):
   assert not old.exists() and new.exists()
 
 
+def _colored_fraction(png: bytes) -> float:
+  """Share of strongly colored pixels: the red object drawn on the gray/white page."""
+  image = iio.imread(png)[..., :3].astype(int)
+  return float(np.mean(image.max(-1) - image.min(-1) > 80))
+
+
 def _browser(tmp_path):
   """Headless chromium through the system chromedriver; never selenium-manager."""
   if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
@@ -163,15 +169,15 @@ def test_browser_generates_video_and_3d_view(server, tmp_path):
     video = wait.until(expected_conditions.presence_of_element_located(
         (By.CSS_SELECTOR, "#video video[src]")))
     assert ".mp4" in video.get_attribute("src")
-    wait.until(expected_conditions.presence_of_element_located(
+    viewer = wait.until(expected_conditions.presence_of_element_located(
         (By.CSS_SELECTOR, "#model3d canvas")))
+    wait.until(lambda _: _colored_fraction(viewer.screenshot_as_png) > 0.02)  # drawn
     latency = wait.until(expected_conditions.presence_of_element_located(
         (By.CSS_SELECTOR, "#latency table"))).text
     stages = dict(re.findall(r"^(.+?) ([0-9.]+)$", latency, re.MULTILINE))
     for stage in ("text embedding", "mapping network", "one 64x64 render"):
       assert float(stages[stage]) > 0.0, latency
     assert "seen prompt" in driver.find_element(By.CSS_SELECTOR, "#status").text
-    time.sleep(1.0)  # let the 3D viewer draw its first frame
     screenshot = tmp_path / "demo.png"
     assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
     if os.environ.get("ATT3D_DEMO_SCREENSHOT"):  # how docs/demo.png is made
