@@ -19,13 +19,18 @@ import sys
 import time
 import urllib.request
 
+import flax.serialization
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import trimesh
 
 from att3d_jax import demo
+from att3d_jax import generate
 from att3d_jax import names
+from att3d_jax import train
+from att3d_jax.amortize import model as model_lib
+from configs import shapes as shapes_config
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -119,6 +124,38 @@ def test_old_request_folders_are_pruned(tmp_path):
   os.utime(old, (time.time() - 2 * demo.OUTPUT_MAX_AGE_S,) * 2)
   demo.prune_outputs(tmp_path)
   assert not old.exists() and new.exists()
+
+
+def test_guidance_weight_slider_for_a_model_amortized_over_it(tiny_shapes_model, tmp_path):
+  import gradio as gr  # pylint: disable=g-import-not-at-top
+
+  config = shapes_config.get_config("quick")
+  config.guidance.path = tiny_shapes_model
+  config.guidance.amortize_scale = True
+  # An untrained model saved as an exported one: the demo only needs its shapes.
+  guidance = train.load_guidance(config)
+  prompts = train.load_prompts(config).train
+  embedding = guidance.embed(prompts[:1])
+  model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(prompts),
+                                           embedding_dim=embedding.shape[1])
+  state, _ = train.init_state(config, model, embedding)
+  exported = tmp_path / "model"
+  exported.mkdir()
+  (exported / "config.json").write_text(config.to_json_best_effort())
+  (exported / generate.PARAMS_FILE).write_bytes(flax.serialization.to_bytes(
+      {"params": state["params"], "stats": state["stats"]}))
+  app = demo.Demo(generate.load_trained(str(exported)), tmp_path / "out", num_frames=4,
+                  mesh_resolution=16)
+  low, high = config.guidance.scale_range
+  assert app.scale_range == (low, high)
+  sliders = [block for block in demo.build_ui(app).blocks.values()
+             if isinstance(block, gr.Slider) and "guidance weight" in str(block.label)]
+  assert len(sliders) == 2 and (sliders[0].minimum, sliders[0].maximum) == (low, high)
+  # The weight reaches the mapping network's extra input, 0 at low and 1 at high.
+  assert app.generator.mapping_input(["a red cube"], scale=low)[0, -1] == 0.0
+  assert app.generator.mapping_input(["a red cube"], scale=high)[0, -1] == 1.0
+  video, _, latency, status = app.generate("a red cube", high)
+  assert pathlib.Path(video).is_file() and "text embedding" in latency, status
 
 
 def _colored_fraction(png: bytes) -> float:

@@ -766,9 +766,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % config.train.checkpoint_every == 0:
         manager.save(step, args=ocp.args.StandardSave(state))
       if writes and config.train.sample_every and step % config.train.sample_every == 0:
-        sample_sheet(config, model, guidance, *local_params(), train_tables,
-                     workdir / "samples" / f"step_{step:06d}.png")
-        tensorboard.add_image_file(writer, "samples", workdir / "samples" / f"step_{step:06d}.png", step)
+        sheet = workdir / "samples" / f"step_{step:06d}.png"
+        sample_sheet(config, model, guidance, *local_params(), train_tables, sheet)
+        tensorboard.add_image_file(writer, "samples", sheet, step)
       if config.eval.curve_every and step % config.eval.curve_every == 0:
         log_curve(step)
       if preemption.reached(step) or step == stop_at:
