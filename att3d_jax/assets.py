@@ -33,6 +33,8 @@ def resolve(path: str | os.PathLike) -> str:
   if os.path.exists(path):
     return path
   normalized = pathlib.PurePath(path).as_posix()
-  if normalized.startswith(SHIPPED_PREFIX) and (WEIGHTS_DIR / normalized[len(SHIPPED_PREFIX):]).is_dir():
-    return str(WEIGHTS_DIR / normalized[len(SHIPPED_PREFIX):])
+  if normalized.startswith(SHIPPED_PREFIX):
+    packaged = WEIGHTS_DIR / normalized[len(SHIPPED_PREFIX):]
+    if packaged.is_dir():
+      return str(packaged)
   return path

@@ -37,9 +37,6 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 TURNTABLE_FRAMES = 12  # small: the tests check the pipeline, not the looks
 SERVER_START_S = 300  # loading the model and compiling on a busy 2-core CPU
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-# The tests that talk to the server run on one xdist worker (addopts has
-# --dist loadgroup), so the module starts one server, not one per worker.
-SERVER = pytest.mark.xdist_group("demo_server")
 
 
 def _missing(reason: str):
@@ -188,7 +185,6 @@ def _browser(tmp_path):
   return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
 
 
-@SERVER
 def test_browser_generates_video_and_3d_view(server, tmp_path):
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support import expected_conditions  # pylint: disable=g-import-not-at-top
@@ -223,7 +219,6 @@ def test_browser_generates_video_and_3d_view(server, tmp_path):
     driver.quit()
 
 
-@SERVER
 def test_concurrent_requests_get_distinct_valid_files(server):
   import gradio_client  # pylint: disable=g-import-not-at-top
 
@@ -245,7 +240,6 @@ def test_concurrent_requests_get_distinct_valid_files(server):
   assert len(set(out_root.glob("request-*")) - before) == len(prompts)
 
 
-@SERVER
 def test_refused_and_out_of_world_prompts_over_the_api(server):
   import gradio_client  # pylint: disable=g-import-not-at-top
 

@@ -69,7 +69,8 @@ def test_export_cli_writes_every_file_and_the_index(tmp_path):
   mesh = trimesh.load(out / cube["glb"], force="mesh")
   assert len(mesh.faces) > 100 and mesh.visual.vertex_colors.shape[0] == len(mesh.vertices)
   assert len(trimesh.load(out / cube["obj"], force="mesh").faces) == len(mesh.faces)
-  rgb, normals, depth = (iio.imread(out / cube[k]) for k in ("mp4", "normals_mp4", "depth_mp4"))
+  rgb, normals, depth = (iio.imread(out / cube[key])
+                         for key in ("mp4", "normals_mp4", "depth_mp4"))
   assert rgb.shape == normals.shape == depth.shape == (6, 32, 32, 3)
   assert np.abs(rgb.astype(int) - normals.astype(int)).mean() > 5  # not the color render
   assert depth[:, 0, 0].max() < 10 and depth.max() > 100  # black background, lit object

@@ -23,6 +23,7 @@ from experiments import sds_single
 from experiments import train_shapes_diffusion
 
 SHIPPED = assets.shipped("shapes")
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED_SIZE_LIMIT = 25 * 2**20  # bytes: the model ships inside the repository
 
 
@@ -95,7 +96,7 @@ def _train_quick_cli(workdir, cpu_devices: int) -> tuple[str, list[float]]:
       [sys.executable, "-m", "experiments.train_shapes_diffusion",
        "--config=configs/shapes_diffusion.py:quick", f"--workdir={workdir}",
        f"--config.cpu_devices={cpu_devices}", "--config.sample_steps=1"],
-      cwd=SHIPPED.parent.parent, env=conftest.env_without_xla_flags(JAX_PLATFORMS="cpu"),
+      cwd=REPO_ROOT, env=conftest.env_without_xla_flags(JAX_PLATFORMS="cpu"),
       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = (workdir / "metrics.jsonl").read_text().splitlines()

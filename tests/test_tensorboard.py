@@ -43,7 +43,8 @@ def test_grids_turntables_files_and_results_reach_the_event_file(tmp_path):
   tensorboard.add_image_folder(writer, "outputs", tmp_path / "outputs", 3)
   results = {"frames_per_prompt": 96.0, "train": {"iou": 0.8, "color": 1.0, "count": 2},
              "heldout": None, "mapping": "hypernet",
-             "per_prompt": [{"prompt": "a red cube", "iou": 0.81234}, {"prompt": "a|b", "iou": 0.5}]}
+             "per_prompt": [{"prompt": "a red cube", "iou": 0.81234},
+                            {"prompt": "a|b", "iou": 0.5}]}
   tensorboard.add_results(writer, "eval", results, 3)
   writer.close()
   events = read_events(tmp_path / "tb")
