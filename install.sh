@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install "$(grep -E '^torch==' requirements.txt)"
 python -m pip install -r requirements.txt
-python -m pip install --no-deps -e .
+python -m pip install -e ".[real,demo,test]"  # the package; its metadata matches the pins

@@ -11,7 +11,9 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
+import tqdm
 
+from att3d_jax import names
 from att3d_jax import prompt_data
 from att3d_jax.amortize import model as model_lib
 from att3d_jax.eval import shapes_eval
@@ -81,7 +83,8 @@ def make_render_prompts(model: model_lib.ATT3DModel, background_color, height: i
 
   def render_prompts(params, stats, inputs, index, cameras):
     outs = []
-    for start in range(0, len(inputs), chunk):
+    for start in tqdm.tqdm(range(0, len(inputs), chunk), desc="rendering prompts",
+                           leave=False, disable=len(inputs) <= chunk):
       part_inputs, part_index = inputs[start:start + chunk], index[start:start + chunk]
       padding = chunk - len(part_inputs)  # one shape, one compilation
       part_inputs = np.concatenate([part_inputs, np.repeat(part_inputs[-1:], padding, 0)])
@@ -152,8 +155,8 @@ def write_outputs(config, model, guidance, params, stats, tables: PromptTables,
   index = rows.astype(np.int32)
   frames = render(params, stats, inputs, index, cameras)["rgb"]
   mapped, _ = jax.jit(model.apply_mapping)(params, stats, inputs, index)
-  for i, row in enumerate(rows):
-    name = tables.prompts[row].replace(" ", "_")
+  for i, row in enumerate(tqdm.tqdm(rows, desc="turntables and meshes", leave=False)):
+    name = names.for_prompt(tables.prompts[row])
     turntable.write_gif(frames[i], out_dir / f"{name}.gif", fps=12)
     turntable.save_png(turntable.contact_sheet(frames[i][::max(1, len(frames[i]) // 8)]),
                        out_dir / f"{name}.png")

@@ -8,11 +8,13 @@ prompt -> text embedding -> mapping network -> hash grid -> renders. Per
 prompt, writes a turntable (GIF and MP4), a mesh (.obj and .glb) and a PNG
 contact sheet; `--interpolate A B` writes a video (GIF, MP4) and a strip PNG
 of the path from A to B. Without --workdir the shipped pretrained shapes model
-(weights/att3d_shapes) is used. `--json` prints one JSON line per prompt with
-the latency of each stage in ms (embed, mapping, render of one 64x64 view,
-mesh); the first prompt includes compilation, later ones do not.
+(package data, att3d_jax/weights/att3d_shapes) is used. `--json` prints one
+JSON line per prompt with the latency of each stage in ms (embed, mapping,
+render of one 64x64 view, mesh); the first prompt includes compilation, later
+ones do not.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -28,9 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from att3d_jax import assets
 from att3d_jax import build as build_lib
 from att3d_jax import checkpoints
 from att3d_jax import compilation_cache
+from att3d_jax import names
 from att3d_jax import prompt_data
 from att3d_jax.amortize import model as model_lib
 from att3d_jax.guidance import base as guidance_base
@@ -41,8 +45,7 @@ from att3d_jax.nerf import turntable
 from att3d_jax.shapes import prompt_sets
 from att3d_jax.shapes import scenes
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHIPPED_MODEL = REPO_ROOT / "weights" / "att3d_shapes"
+SHIPPED_MODEL = assets.shipped("att3d_shapes")
 PARAMS_FILE = "params.msgpack"
 
 
@@ -75,10 +78,6 @@ def load_trained(path: str, guidance_path: Optional[str] = None) -> TrainedModel
   config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
   if guidance_path:
     config.guidance.path = guidance_path
-  elif (config.guidance.path and not os.path.isabs(config.guidance.path)
-        and not os.path.isdir(config.guidance.path)):
-    # A relative model path is relative to the repository (where training ran).
-    config.guidance.path = str(REPO_ROOT / config.guidance.path)
   built = build_lib.build(config, for_training=False)
   model, state = built.model, built.state
   if (path / PARAMS_FILE).is_file():
@@ -130,22 +129,25 @@ class Generator:
                                       jnp.zeros((mapping_input.shape[0],), jnp.int32))
       return mapped
 
-    @jax.jit
-    def render(mapped, cameras):
+    @functools.partial(jax.jit, static_argnames="normals")
+    def render(mapped, cameras, normals: bool = False):
       conditioning = None if mapped.conditioning is None else mapped.conditioning[0]
       return render_lib.render_images(
           model.render_fn(trained.params["mlp"], mapped.tables[0], conditioning, None,
-                          trained.guidance.background_color),
+                          trained.guidance.background_color, compute_normals=normals),
           cameras, image_size, image_size)
 
     self.mapping, self.render = mapping, render
 
-  def mapping_input(self, prompts: list[str], weights: Optional[np.ndarray] = None):
-    """[1, D(+1)]: the (weighted mean of the) prompts' embedding."""
+  def mapping_input(self, prompts: list[str], weights: Optional[np.ndarray] = None,
+                    scale: Optional[float] = None):
+    """[1, D(+1)]: the (weighted mean of the) prompts' embedding (+ the CFG
+    weight `scale` when amortized over it; default config.guidance.scale)."""
     embeddings = self.trained.guidance.embed(prompts)
     weights = np.full(len(prompts), 1.0 / len(prompts)) if weights is None else weights
     mixed = np.einsum("k,kd->d", weights.astype(np.float32), embeddings)[None]
-    return prompt_data.mapping_inputs(self.trained.config, mixed)
+    return prompt_data.mapping_inputs(self.trained.config, mixed,
+                                      None if scale is None else np.array([scale], np.float32))
 
   def cameras(self, azimuths_deg, elevation_deg: float = 20.0) -> cameras_lib.Cameras:
     azimuths = jnp.deg2rad(jnp.asarray(azimuths_deg, jnp.float32))
@@ -165,13 +167,25 @@ def _ms(start: float) -> float:
 
 
 def generate_prompt(generator: Generator, prompt: str, out_dir: str | os.PathLike,
-                    num_frames: int = 36, mesh_resolution: int = 64) -> dict:
-  """Writes <name>.gif/.mp4/.png/.obj/.glb; returns per-stage latency in ms."""
+                    num_frames: int = 36, mesh_resolution: int = 64,
+                    name: Optional[str] = None, scale: Optional[float] = None,
+                    mix: Optional[tuple[str, float]] = None) -> dict:
+  """Writes <name>.gif/.mp4/.png/.obj/.glb; returns the name and per-stage latency in ms.
+
+  name: the file stem, default names.for_prompt(prompt); scale: the CFG weight
+  fed to a model amortized over it; mix=(other, a): the object of
+  (1 - a) c_prompt + a c_other, a point on the interpolation path.
+  """
   out_dir = pathlib.Path(out_dir)
-  name = prompt.strip().replace(" ", "_").replace("/", "_")
-  timings = {"prompt": prompt, "kind": describe_prompt(generator.trained, prompt)}
+  name = name or names.for_prompt(prompt)
+  timings = {"prompt": prompt, "name": name,
+             "kind": describe_prompt(generator.trained, prompt)}
   start = time.perf_counter()
-  mapping_input = generator.mapping_input([prompt])
+  if mix is None:
+    mapping_input = generator.mapping_input([prompt], scale=scale)
+  else:
+    mapping_input = generator.mapping_input([prompt, mix[0]], np.array([1.0 - mix[1], mix[1]]),
+                                            scale=scale)
   timings["embed_ms"] = _ms(start)
   start = time.perf_counter()
   mapped = jax.block_until_ready(generator.mapping(mapping_input))
@@ -207,7 +221,7 @@ def interpolate(generator: Generator, prompt_a: str, prompt_b: str,
     azimuth = 30.0 + 360.0 * index / num_frames
     frames.append(np.asarray(generator.render(mapped, generator.cameras([azimuth]))["rgb"][0]))
   frames = np.stack(frames)
-  name = f"{prompt_a}_to_{prompt_b}".replace(" ", "_")
+  name = names.for_prompt(f"{prompt_a} to {prompt_b}")
   turntable.write_gif(frames, out_dir / f"{name}.gif", fps=10)
   turntable.write_mp4(frames, out_dir / f"{name}.mp4", fps=10)
   strip_rows = np.linspace(0, num_frames - 1, min(8, num_frames)).round().astype(int)

@@ -27,6 +27,7 @@ from att3d_jax import checkpoints
 from att3d_jax import evaluation
 from att3d_jax import prompt_data
 from att3d_jax import sharding
+from att3d_jax import tensorboard
 
 
 def frames_per_prompt(config: ml_collections.ConfigDict, step: int, num_prompts: int) -> float:
@@ -105,11 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log, writer = None, None
   if writes:
     log = open(workdir / "metrics.jsonl", "a")
-    try:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
-    except ImportError:
-      pass
+    writer = tensorboard.open_writer(workdir / "tensorboard")
     (workdir / "samples").mkdir(exist_ok=True)
 
   def local_params():
@@ -125,6 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = evaluation.evaluate(config, model, guidance, *local_params(), train_tables,
                                   heldout_tables, frames_per_prompt(config, step, num_train))
     results.pop("per_prompt")
+    tensorboard.add_results(writer, "eval_curve", results, step)
     with open(workdir / "eval_curve.jsonl", "a") as curve:
       curve.write(json.dumps({"step": step, **results}) + "\n")
 
@@ -167,8 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.train.checkpoint_every == 0:
         checkpoints.save(manager, step, state)
       if writes and config.train.sample_every and step % config.train.sample_every == 0:
-        evaluation.sample_sheet(config, model, guidance, *local_params(), train_tables,
-                                workdir / "samples" / f"step_{step:06d}.png")
+        sheet = workdir / "samples" / f"step_{step:06d}.png"
+        evaluation.sample_sheet(config, model, guidance, *local_params(), train_tables, sheet)
+        tensorboard.add_image_file(writer, "samples", sheet, step)
       if config.eval.curve_every and step % config.eval.curve_every == 0:
         log_curve(step)
       if preemption.reached(step):
@@ -186,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.wait_until_finished()
   if log is not None:
     log.close()
-  if writer is not None:
+  if writer is not None and preempted:
     writer.close()
   if preempted:
     print(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
@@ -201,6 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not writes:
     return results
   (workdir / "eval.json").write_text(json.dumps(results, indent=2))
+  tensorboard.add_results(writer, "eval", results, step)
   if config.eval.write_outputs:
     num_show = min(config.eval.num_train_outputs, num_train)
     evaluation.write_outputs(config, model, guidance, params, stats, train_tables,
@@ -209,4 +209,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       evaluation.write_outputs(config, model, guidance, params, stats, heldout_tables,
                                np.arange(len(heldout_tables.prompts)),
                                workdir / "outputs" / "heldout")
+    tensorboard.add_image_folder(writer, "outputs", workdir / "outputs", step)
+  writer.close()
   return results

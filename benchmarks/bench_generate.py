@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_generate [--workdir RUN] [--repeats 20]
 
-Uses a trained model (default: the shipped weights/att3d_shapes). After one
+Uses a trained model (default: the shipped att3d_jax/weights/att3d_shapes). After one
 warm-up call per stage (compilation), each stage is timed `repeats` times on
 prompts cycling through the model's training and unseen prompts; reported are
 medians in ms, the end-to-end median (embed + mapping + render, the latency a

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # att3d_jax/shapes/diffusion.py).
   config.guidance = ml_collections.ConfigDict()
   config.guidance.kind = "shapes"  # the embedded shapes-world model
-  config.guidance.path = "weights/shapes"  # its diffusers-format folder
+  config.guidance.path = "weights/shapes"  # diffusers folder; weights/<name> = shipped (assets.py)
   config.guidance.scale = 5.0  # classifier-free guidance weight
   config.guidance.amortize_scale = False  # sample the weight per row, feed it to the mapping
   config.guidance.scale_range = (2.0, 10.0)  # ... uniformly from this range

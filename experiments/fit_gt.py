@@ -28,6 +28,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
+import tqdm
 
 from att3d_jax.eval import metrics
 from att3d_jax.nerf import cameras as cameras_lib
@@ -106,16 +107,17 @@ def fit(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.time()
   history = []
   step = 0
-  for step in range(config.num_steps):
+  progress = tqdm.tqdm(range(config.num_steps), desc="fit_gt")
+  for step in progress:
     params, opt_state, loss = train_step(params, opt_state, step)
     if step % config.log_every == 0 or step == config.num_steps - 1:
       loss = float(loss)
       history.append({"step": step, "loss": loss, "seconds": time.time() - start})
-      print(f"step {step:5d}  loss {loss:.5f}  train psnr {-10 * np.log10(loss):.2f} dB"
-            f"  {time.time() - start:.0f} s", flush=True)
+      progress.set_postfix(loss=f"{loss:.5f}", psnr=f"{-10 * np.log10(loss):.2f} dB")
     if time.time() - start > config.time_budget_s:
-      print(f"time budget of {config.time_budget_s:.0f} s reached at step {step}")
+      progress.write(f"time budget of {config.time_budget_s:.0f} s reached at step {step}")
       break
+  progress.close()
   jax.block_until_ready(params)
   train_seconds = time.time() - start
   (workdir / "params.msgpack").write_bytes(flax.serialization.to_bytes(params))

@@ -8,7 +8,7 @@ for classifier-free guidance. Renders happen inside the jitted step (the GT
 renderer is jnp), so every step sees fresh scenes and views.
 
   python -m experiments.train_shapes_diffusion --config=configs/shapes_diffusion.py \
-      --workdir=runs/shapes_diffusion --export=weights/shapes
+      --workdir=runs/shapes_diffusion --export=att3d_jax/weights/shapes
 
 Resumes from --workdir/checkpoints/ (orbax, att3d_jax/checkpoints.py, as the
 ATT3D loop); --init_from=weights/shapes continues from the shipped weights in a
@@ -36,7 +36,9 @@ import numpy as np
 import optax
 import tqdm
 
+from att3d_jax import assets
 from att3d_jax import checkpoints
+from att3d_jax import tensorboard
 from att3d_jax import xla_cpu
 from att3d_jax.guidance import minilm
 from att3d_jax.guidance import schedule
@@ -210,7 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
   module_config = unet_lib.UNetConfig.from_dict(dict(config.unet))
   module = unet_lib.UNet2DConditionModel(module_config)
   if init_from:
-    loaded = unet_lib.load_unet(init_from)
+    loaded = unet_lib.load_unet(assets.resolve(init_from))
     if loaded.config != module_config:
       raise ValueError(f"--init_from={init_from!r} holds a UNet whose config differs from "
                        "config.unet; train it with the config it was made with")
@@ -239,6 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
                                mesh)
 
   log = open(workdir / "metrics.jsonl", "a")
+  writer = tensorboard.open_writer(workdir / "tensorboard")
   start = time.time()
   step = start_step
   progress = tqdm.tqdm(range(start_step, config.num_steps), initial=start_step,
@@ -251,11 +254,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
       progress.set_postfix(loss=f"{metrics['loss']:.4f}")
       log.write(json.dumps({"step": done, "seconds": time.time() - start, **metrics}) + "\n")
       log.flush()
+      for name, value in metrics.items():
+        writer.add_scalar(f"train/{name}", value, done)
     if done % config.checkpoint_every == 0:
       checkpoints.save(manager, done, {"step": jnp.int32(done), "state": state})
     if config.sample_every and done % config.sample_every == 0:
       preview_grid(module, state["ema_params"], encoder, alphas_cumprod, config,
                    workdir / f"samples_{done:06d}.png", jax.random.fold_in(root_key, 2))
+      tensorboard.add_image_file(writer, "samples", workdir / f"samples_{done:06d}.png", done)
     if time.time() - start > config.time_budget_s:
       print(f"\ntime budget of {config.time_budget_s:.0f} s reached at step {done}")
       break
@@ -267,6 +273,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
   manager.wait_until_finished()
   preview_grid(module, state["ema_params"], encoder, alphas_cumprod, config,
                workdir / "samples_final.png", jax.random.fold_in(root_key, 2))
+  tensorboard.add_image_file(writer, "samples", workdir / "samples_final.png", done)
+  writer.close()
   if export_dir:
     export(export_dir, config, module_config, state["ema_params"])
   seconds = time.time() - start
@@ -293,7 +301,7 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", "runs/shapes_diffusion", "checkpoints and logs")
   _EXPORT = flags.DEFINE_string("export", None, "write the EMA model here (diffusers folder)")
   _INIT_FROM = flags.DEFINE_string(
-      "init_from", None, "start from this diffusers folder's UNet (e.g. weights/shapes) "
-      "instead of a random init, to continue training a shipped model; ignored when "
+      "init_from", None, "start from this diffusers folder's UNet (weights/shapes: the "
+      "shipped one) instead of a random init, to continue training a shipped model; ignored when "
       "--workdir holds a checkpoint")
   app.run(main)

@@ -86,6 +86,40 @@ def test_field_outputs_shapes_and_ranges():
                         density_activation="relu")
 
 
+@pytest.mark.parametrize("init_scale", [0.0, 1e-4])
+def test_blob_normals_point_radially_outward(init_scale):
+  mlp, mlp_params, tables = _field(init_scale=init_scale)
+  points = _points(64, 0.9)
+  normals = _jitted_outputs(mlp, compute_normals=True)(
+      mlp_params, tables, points)["normal"]
+  radial = points / np.linalg.norm(points, axis=-1, keepdims=True)
+  np.testing.assert_allclose(normals, radial, atol=1e-3)
+
+
+def test_normals_match_finite_differences_through_the_grid():
+  with jax.enable_x64(True):
+    # float64 throughout, so that central differences with a tiny step (which
+    # almost never straddles a grid cell boundary) are accurate.
+    mlp, mlp_params, tables = _field(seed=1, init_scale=1.0, dtype=jnp.float64)
+    tables = tables.astype(jnp.float64)
+    points = _points(32, 0.8, seed=1).astype(np.float64)
+    step = 1e-7
+
+    outputs = _jitted_outputs(mlp, scene_radius=1.5, compute_normals=True)
+    normals = outputs(mlp_params, tables, points)["normal"]
+    # Densities of all the shifted points in one call.
+    shifts = np.concatenate([step * np.eye(3), -step * np.eye(3)])  # [6, 3]
+    shifted = (points[None] + shifts[:, None]).reshape(-1, 3)
+    density = np.asarray(outputs(mlp_params, tables, shifted)["density"]).reshape(6, -1)
+    gradient = ((density[:3] - density[3:]) / (2 * step)).T
+    assert normals.dtype == jnp.float64
+  expected = -gradient / np.linalg.norm(gradient, axis=-1, keepdims=True)
+  # The grid must matter, or this would only re-test the blob.
+  radial = points / np.linalg.norm(points, axis=-1, keepdims=True)
+  assert np.max(np.abs(expected - radial)) > 0.1
+  np.testing.assert_allclose(normals, expected, atol=1e-5)
+
+
 def test_conditioning_is_appended_to_the_features():
   mlp, mlp_params, tables = _field(conditioning_dim=5)
   points = _points(16, 1.0)

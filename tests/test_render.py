@@ -32,7 +32,7 @@ def _random_edges_and_density(rng, num_rays=7, num_bins=9):
   return t_edges, density, directions
 
 
-def _composite_bruteforce(density, t_edges, directions, rgb):
+def _composite_bruteforce(density, t_edges, directions, rgb, normals):
   """Front-to-back loop with the transmittance as a running product."""
   num_rays, num_bins = density.shape
   weights = np.zeros_like(density)
@@ -51,26 +51,29 @@ def _composite_bruteforce(density, t_edges, directions, rgb):
               depth=(weights * t_mids).sum(-1),
               normalized_depth=np.where(opacity > 0, (weights * t_mids).sum(-1) /
                                         np.maximum(opacity, 1e-30), 0.0),
-              rgb=(weights[..., None] * rgb).sum(1))
+              rgb=(weights[..., None] * rgb).sum(1),
+              normal=(weights[..., None] * normals).sum(1))
 
 
 def test_compositing_matches_bruteforce_loop():
   rng = np.random.default_rng(0)
   t_edges, density, directions = _random_edges_and_density(rng)
   rgb = rng.uniform(size=density.shape + (3,))
-  expected = _composite_bruteforce(density, t_edges, directions, rgb)
+  normals = rng.normal(size=density.shape + (3,))
+  expected = _composite_bruteforce(density, t_edges, directions, rgb, normals)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   weights, transmittance = render.compute_alpha_weights(
       f32(density), f32(t_edges), f32(directions))
   t_mids = render.bin_midpoints(f32(t_edges))
-  out = render.composite(weights, f32(rgb), t_mids)
+  out = render.composite(weights, f32(rgb), t_mids, f32(normals))
   normalized = render.composite(weights, f32(rgb), t_mids, normalize_depth=True)
   tol = dict(rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(weights, expected["weights"], **tol)
   np.testing.assert_allclose(transmittance, expected["transmittance"], **tol)
-  for name in ("opacity", "depth", "rgb"):
+  for name in ("opacity", "depth", "rgb", "normal"):
     np.testing.assert_allclose(out[name], expected[name], **tol, err_msg=name)
   np.testing.assert_allclose(normalized["depth"], expected["normalized_depth"], **tol)
+  assert "normal" not in normalized
   assert out["opacity"][0] == 0 and normalized["depth"][0] == 0
   np.testing.assert_allclose(out["opacity"][1], 1.0, atol=1e-6)
 

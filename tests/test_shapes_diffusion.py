@@ -11,15 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
+import test_tensorboard
+
+from att3d_jax import assets
 from att3d_jax.shapes import diffusion
 from configs import sds_single as sds_single_config
 from configs import shapes_diffusion as shapes_diffusion_config
 from experiments import sds_single
 from experiments import train_shapes_diffusion
 
-import conftest
-
-SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "weights" / "shapes"
+SHIPPED = assets.shipped("shapes")
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED_SIZE_LIMIT = 25 * 2**20  # bytes: the model ships inside the repository
 
 
@@ -92,7 +95,7 @@ def _train_quick_cli(workdir, cpu_devices: int) -> tuple[str, list[float]]:
       [sys.executable, "-m", "experiments.train_shapes_diffusion",
        "--config=configs/shapes_diffusion.py:quick", f"--workdir={workdir}",
        f"--config.cpu_devices={cpu_devices}", "--config.sample_steps=1"],
-      cwd=SHIPPED.parent.parent, env=conftest.env_without_xla_flags(JAX_PLATFORMS="cpu"),
+      cwd=REPO_ROOT, env=conftest.env_without_xla_flags(JAX_PLATFORMS="cpu"),
       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -123,6 +126,8 @@ def test_train_quick_checkpoints_resumes_and_exports(tmp_path):
   summary = train_shapes_diffusion.train(config, str(workdir), str(export_dir))
   assert summary["steps"] == config.num_steps  # resumed, then two more steps
   assert (workdir / "samples_final.png").exists()
+  events = test_tensorboard.read_events(workdir / "tensorboard")
+  assert "samples" in events and "train/loss" in events
   diffusion.ShapesDiffusionModel(str(export_dir))  # loads
 
 

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import test_tensorboard
+
 from att3d_jax import build as build_lib
 from att3d_jax import checkpoints
 from att3d_jax import evaluation
@@ -336,6 +338,9 @@ def test_quick_main_writes_eval_json_and_outputs(tiny_shapes_model, tmp_path):
   assert len(list(heldout_dir.glob("*.gif"))) == 8
   assert len(list((tmp_path / "outputs" / "train").glob("*.gif"))) == 2
   assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 4
+  events = test_tensorboard.read_events(tmp_path / "tensorboard")
+  assert {"eval/train/iou", "eval/heldout/iou", "eval/per_prompt/text_summary"} <= set(events)
+  assert sum(tag.startswith("outputs/heldout/") for tag in events) == 8  # contact sheets
   # A second run resumes at the end: nothing left to train, same metrics.
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again["train"] == results["train"]

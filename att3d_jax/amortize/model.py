@@ -148,15 +148,15 @@ class ATT3DModel:
       return out, dict(updated[mapping_lib.SPECTRAL_STATS])
     return self.mapping.apply(variables, inputs, prompt_index, update_stats=False), stats
 
-  def field_fn(self, mlp_params, tables: jax.Array,
-               conditioning: Optional[jax.Array]) -> render_lib.FieldFn:
-    """points [N, 3] -> dict(density, albedo) of one prompt's NeRF:
+  def field_fn(self, mlp_params, tables: jax.Array, conditioning: Optional[jax.Array],
+               compute_normals: bool = False) -> render_lib.FieldFn:
+    """points [N, 3] -> dict(density, albedo[, normal]) of one prompt's NeRF:
     tables [L, T, F], conditioning [C] or None."""
     return functools.partial(
         field_lib.field_outputs, mlp_params, tables, spec=self.spec, mlp=self.mlp,
         scene_radius=self.scene_radius, density_activation=self.density_activation,
         bias_scale=self.bias_scale, bias_radius=self.bias_radius,
-        conditioning=conditioning)
+        conditioning=conditioning, compute_normals=compute_normals)
 
   def surface_density(self) -> float:
     """Density level of exported meshes: where a shell of thickness
@@ -177,13 +177,14 @@ class ATT3DModel:
         threshold=self.surface_density(), clip_to_sphere=True, keep_largest_component=True)
 
   def render_fn(self, mlp_params, tables: jax.Array, conditioning: Optional[jax.Array],
-                key: Optional[jax.Array], background_color: Sequence[float]
-                ) -> Callable[[Rays], dict]:
+                key: Optional[jax.Array], background_color: Sequence[float],
+                compute_normals: bool = False) -> Callable[[Rays], dict]:
     """Rays [N, 3] -> `render.render_rays` outputs (albedo over a solid
-    background); key=None renders deterministically (evaluation)."""
+    background; with compute_normals also "normal"); key=None renders
+    deterministically (evaluation)."""
     background_fn = functools.partial(background_lib.solid_background, background_color)
     return lambda rays: render_lib.render_rays(
-        self.field_fn(mlp_params, tables, conditioning), rays, key,
+        self.field_fn(mlp_params, tables, conditioning, compute_normals), rays, key,
         num_samples=self.num_samples, scene_radius=self.scene_radius,
         background_fn=background_fn, num_importance=self.num_importance,
         num_proposal=self.num_proposal)

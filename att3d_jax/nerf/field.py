@@ -8,7 +8,8 @@ per-prompt `conditioning` vector is appended to the MLP input.
 
 Density = activation(raw_density + blob bias) with ATT3D's bias
 `10 * (1 - 2 |x|)` (`density_bias` with scale 10, radius 0.5), which starts
-training from a ball at the origin.
+training from a ball at the origin. Normals (exported turntables) are the
+analytic negative, normalized gradient of the density through the hash grid.
 
 World points live in the scene sphere of `scene_radius`; the grid covers the
 cube [-scene_radius, scene_radius]^3, mapped to [0, 1]^3.
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from att3d_jax.nerf import hashgrid
+from att3d_jax.nerf import render
 
 DENSITY_ACTIVATIONS = ("softplus", "trunc_exp")
 # torch-ngp clamps the exponent of trunc_exp's derivative at 15.
@@ -89,8 +91,9 @@ def field_outputs(mlp_params: dict, tables: jax.Array, points: jax.Array,
                   spec: hashgrid.HashGridSpec, *, mlp: FieldMLP,
                   scene_radius: float = 1.0, density_activation: str = "softplus",
                   bias_scale: float = 10.0, bias_radius: float = 0.5,
-                  conditioning: Optional[jax.Array] = None) -> dict[str, jax.Array]:
-  """Density and albedo of the field at world points.
+                  conditioning: Optional[jax.Array] = None,
+                  compute_normals: bool = False) -> dict[str, jax.Array]:
+  """Density, albedo and optionally normals of the field at world points.
 
   For `render.render_rays`, close over everything but the points, e.g.
   `functools.partial(field_outputs, mlp_params, tables, spec=spec, mlp=mlp)`.
@@ -109,9 +112,12 @@ def field_outputs(mlp_params: dict, tables: jax.Array, points: jax.Array,
     conditioning: optional `[C]` (shared by all points) or `[N, C]` vector
       appended to the grid features; the MLP must have been initialized for
       `L * F + C` inputs (`init_mlp_params(..., conditioning_dim=C)`).
+    compute_normals: also return normals (one extra backward pass).
 
   Returns:
-    dict with density `[N]` (>= 0) and albedo `[N, 3]` in [0, 1].
+    dict with density `[N]` (>= 0), albedo `[N, 3]` in [0, 1], and, with
+    compute_normals, normal `[N, 3]`: `-normalize(d density / d x)`, unit and
+    pointing out of the object.
   """
   if density_activation not in DENSITY_ACTIVATIONS:
     raise ValueError(f"unknown density_activation {density_activation!r}; expected "
@@ -135,7 +141,19 @@ def field_outputs(mlp_params: dict, tables: jax.Array, points: jax.Array,
     raw_density = raw[:, 0] + density_bias(points, bias_scale, bias_radius)
     return raw_density, raw[:, 1:]
 
-  raw_density, raw_albedo = raw_density_and_albedo(points)
+  if compute_normals:
+    # Each point's density depends only on that point, so one vector-Jacobian
+    # product with ones gives every point's gradient. The gradient is taken
+    # before the activation: both activations are increasing, so the
+    # direction is the same, and it does not vanish where softplus saturates.
+    raw_density, vjp_fn, raw_albedo = jax.vjp(raw_density_and_albedo, points,
+                                              has_aux=True)
+    (gradient,) = vjp_fn(jnp.ones_like(raw_density))
+  else:
+    raw_density, raw_albedo = raw_density_and_albedo(points)
 
   activation = jax.nn.softplus if density_activation == "softplus" else trunc_exp
-  return {"density": activation(raw_density), "albedo": jax.nn.sigmoid(raw_albedo)}
+  out = {"density": activation(raw_density), "albedo": jax.nn.sigmoid(raw_albedo)}
+  if compute_normals:
+    out["normal"] = -render.safe_normalize(gradient)
+  return out

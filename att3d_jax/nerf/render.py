@@ -143,6 +143,7 @@ def compute_alpha_weights(density: jax.Array, t_edges: jax.Array,
 
 
 def composite(weights: jax.Array, rgb: jax.Array, t_mids: jax.Array,
+              normals: Optional[jax.Array] = None,
               normalize_depth: bool = False) -> dict[str, jax.Array]:
   """Accumulates per-bin quantities along each ray.
 
@@ -150,6 +151,7 @@ def composite(weights: jax.Array, rgb: jax.Array, t_mids: jax.Array,
     weights: `[num_rays, num_bins]` from `compute_alpha_weights`.
     rgb: `[num_rays, num_bins, 3]` per-bin color.
     t_mids: `[num_rays, num_bins]` bin midpoints.
+    normals: optional `[num_rays, num_bins, 3]` per-bin unit normals.
     normalize_depth: False gives the expected depth `sum_i w_i t_i` (the
       background counts as depth 0); True divides by the opacity, i.e. the
       expected depth of the surface given that the ray hits it (0 where the
@@ -157,7 +159,9 @@ def composite(weights: jax.Array, rgb: jax.Array, t_mids: jax.Array,
 
   Returns:
     dict with rgb `[num_rays, 3]` (foreground only, no background), opacity
-    `[num_rays]` and depth `[num_rays]`.
+    `[num_rays]`, depth `[num_rays]`, and, given normals, normal
+    `[num_rays, 3]` = `sum_i w_i n_i` (not renormalized: its length is at most
+    the opacity, so it fades out with the object like rgb does).
   """
   chex.assert_rank([weights, rgb, t_mids], [2, 3, 2])
   chex.assert_equal_shape([weights, t_mids])
@@ -171,6 +175,9 @@ def composite(weights: jax.Array, rgb: jax.Array, t_mids: jax.Array,
       "opacity": opacity,
       "depth": depth,
   }
+  if normals is not None:
+    chex.assert_equal_shape([rgb, normals])
+    out["normal"] = jnp.einsum("rs,rsc->rc", weights, normals)
   return out
 
 
@@ -271,7 +278,8 @@ def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
   """Renders rays through a field inside the scene sphere over a background.
 
   Args:
-    field_fn: points `[N, 3]` -> dict(density `[N]`, albedo `[N, 3]`).
+    field_fn: points `[N, 3]` -> dict(density `[N]`, albedo `[N, 3]`, and
+      optionally normal `[N, 3]`, composited into out["normal"]).
     rays: origins and directions `[num_rays, 3]`.
     key: PRNG key for stratified and importance sampling; None renders
       deterministically (regular bins), e.g. for evaluation.
@@ -296,7 +304,8 @@ def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
     dict with rgb `[num_rays, 3]` (over the background), opacity `[num_rays]`,
     depth `[num_rays]`, weights `[num_rays, num_bins]`, t_edges
     `[num_rays, num_bins + 1]` (num_bins = num_samples + num_importance - 1
-    with importance sampling, else num_samples).
+    with importance sampling, else num_samples), and normal `[num_rays, 3]`
+    when the field returns normals (see `composite`).
   """
   chex.assert_rank([rays.origins, rays.directions], 2)
   stratified_key = importance_key = None
@@ -324,7 +333,7 @@ def render_rays(field_fn: FieldFn, rays: Rays, key: Optional[jax.Array], *,
 
   _, t_mids, samples = _evaluate_field(field_fn, rays, t_edges)
   weights, _ = compute_alpha_weights(samples["density"], t_edges, rays.directions)
-  out = composite(weights, samples["albedo"], t_mids, normalize_depth)
+  out = composite(weights, samples["albedo"], t_mids, samples.get("normal"), normalize_depth)
   background = background_fn(rays.directions)
   chex.assert_equal_shape([background, rays.directions])
   out["rgb"] = out["rgb"] + (1.0 - out["opacity"])[:, None] * background

@@ -1,6 +1,6 @@
 """The shapes-world text-to-image model: text conditioning and its denoiser.
 
-The shipped UNet (weights/shapes/, trained by experiments/train_shapes_diffusion.py)
+The shipped UNet (att3d_jax/weights/shapes/, trained by experiments/train_shapes_diffusion.py)
 is a diffusers UNet2DConditionModel conditioned two ways on all-MiniLM-L6-v2
 (guidance/minilm.py): cross-attention over the token embeddings, and the pooled
 sentence embedding added to the time embedding (`class_embed_type="projection"`).
@@ -19,7 +19,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
+from att3d_jax import assets
 from att3d_jax.guidance import base as guidance_base
 from att3d_jax.guidance import minilm
 from att3d_jax.guidance import schedule
@@ -27,8 +29,7 @@ from att3d_jax.guidance import sds
 from att3d_jax.guidance import unet as unet_lib
 from att3d_jax.shapes import scenes
 
-# The shipped model, relative to the repository root.
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "weights", "shapes")
+DEFAULT_MODEL_DIR = "weights/shapes"  # the shipped model (assets.resolve finds it)
 TEXT_ENCODER_FILE = "text_encoder.json"  # which MiniLM and how it is used
 
 
@@ -52,7 +53,8 @@ def encode_captions(encoder: minilm.MiniLMEncoder, captions: Sequence[str],
   """
   batch_size = min(batch_size, 1 << max(0, (len(captions) - 1).bit_length()))
   chunks = []
-  for start in range(0, len(captions), batch_size):
+  for start in tqdm.tqdm(range(0, len(captions), batch_size), desc="text encoding",
+                         unit="batch", leave=False, disable=len(captions) <= batch_size):
     batch = list(captions[start:start + batch_size])
     padding = batch_size - len(batch)  # keep one batch shape: one compilation
     out = encoder.encode(batch + batch[-1:] * padding)
@@ -80,7 +82,7 @@ class ShapesDiffusionModel:
   """
 
   def __init__(self, model_dir: str = DEFAULT_MODEL_DIR):
-    model_dir = os.path.abspath(model_dir)
+    model_dir = os.path.abspath(assets.resolve(model_dir))
     text_file = os.path.join(model_dir, TEXT_ENCODER_FILE)
     if not os.path.isfile(text_file):
       raise FileNotFoundError(
