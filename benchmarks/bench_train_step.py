@@ -21,12 +21,13 @@ import sys
 import time
 
 
-def build_step(config):
+def build_step(config, guidance=None):
   """(guidance, tables, model, state, mesh, jitted step, optimizer) of `config`, with
-  the att3d_jax found on sys.path; works with the first version's API too."""
+  the att3d_jax found on sys.path; works with the first version's API too. `guidance`:
+  a prebuilt one instead of config's (e.g. with precomputed text tables)."""
   from att3d_jax import train  # pylint: disable=g-import-not-at-top
   from att3d_jax.amortize import model as model_lib  # pylint: disable=g-import-not-at-top
-  guidance = train.load_guidance(config)
+  guidance = train.load_guidance(config) if guidance is None else guidance
   tables = train.prompt_tables(guidance, train.load_prompts(config).train)
   model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(tables.prompts),
                                            embedding_dim=tables.embedding.shape[1])
