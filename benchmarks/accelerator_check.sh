@@ -42,8 +42,14 @@ install_wheels() {
     say "no wheels in $ACCEL_DIR/$name: using the installed packages"
     return 1
   fi
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE/$name" "${wheels[@]}" >>"$LOG" 2>&1 || { say "installing $name failed"; return 1; }
+  if ! "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE/$name" "${wheels[@]}" >>"$LOG" 2>&1; then
+    # No pip: a wheel is a zip of what goes into site-packages (enough for pure Python).
+    say "pip could not install $ACCEL_DIR/$name; unpacking the wheels instead"
+    for wheel in "${wheels[@]}"; do
+      "$PYTHON" -m zipfile -e "$wheel" "$SITE/$name" >>"$LOG" 2>&1 || { say "unpacking $wheel failed"; return 1; }
+    done
+  fi
   export PYTHONPATH="$SITE/$name${PYTHONPATH:+:$PYTHONPATH}"
   say "installed ${#wheels[@]} wheels of $ACCEL_DIR/$name"
 }
@@ -79,6 +85,7 @@ tail -1 "$LOG" >&2
 args=(--gpu)
 [[ -f "$ACCEL_DIR/shapes_text.npz" ]] && args+=(--text_tables "$ACCEL_DIR/shapes_text.npz")
 if [[ "$DRY_RUN" == 1 ]]; then
+  mkdir -p "${OUT:-/tmp}"
   args+=(--cpu_dry_run --out "${OUT:-/tmp}/benchmarks_gpu.md")
 fi
 say "python -m benchmarks.run_all ${args[*]}"

@@ -320,13 +320,13 @@ def run_accelerator(tiny: bool = False, log=print) -> Iterator[dict]:
     model = diffusers.UNet2DConditionModel(**config).eval()
   implementations = ('xla', 'cudnn' if on_gpu else 'dot_product')
   with tempfile.TemporaryDirectory() as folder:
-    model.save_pretrained(folder)
+    model.cpu().save_pretrained(folder)
     unet = load_unet(folder, dtype=jnp.bfloat16)
   # The same params under each attention implementation.
   unets = {impl: unet_lib.LoadedUNet(unet_lib.UNet2DConditionModel(
       unet.config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=impl), unet.params)
            for impl in implementations}
-  model = model.to(torch.bfloat16)
+  model = model.to(torch_device, torch.bfloat16)
   num_params = sum(p.numel() for p in model.parameters())
   inputs = _inputs(batch, size, config)
   # Timesteps stay float32 (diffusers computes the sinusoids in float32 either way).

@@ -363,11 +363,12 @@ def accelerator_main(args) -> None:
       f" --text_tables {args.text_tables}" if args.text_tables else "") + (
           " --cpu_dry_run" if args.cpu_dry_run else "")
   markdown = to_markdown(table, info, command, title="Benchmarks on an accelerator")
+  print(markdown, flush=True)
   out = args.out or (None if args.cpu_dry_run else os.path.join("docs", "benchmarks_gpu.md"))
   if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
       f.write(markdown)
-  print(markdown, flush=True)
 
 
 def main():

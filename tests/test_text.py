@@ -17,7 +17,7 @@ PROMPTS = ["a red cube", "A Blue sphere wearing a red hat"]
 FLOAT16 = dict(rtol=2**-10, atol=1e-7)
 
 
-def _save_tiny_clip(folder, num_layers=3):
+def _save_tiny_clip(folder, num_layers=3, hidden_size=32):
   """Random 3-layer CLIP text model + a byte-level BPE tokenizer (no merges)."""
   alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
   vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -28,7 +28,8 @@ def _save_tiny_clip(folder, num_layers=3):
   tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
   torch.manual_seed(0)
   config = transformers.CLIPTextConfig(
-      vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+      vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=64,
+      num_hidden_layers=num_layers,
       num_attention_heads=4, max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
       pad_token_id=1)
   model = transformers.CLIPTextModel(config).eval()
@@ -36,7 +37,7 @@ def _save_tiny_clip(folder, num_layers=3):
   return tokenizer, model
 
 
-def _save_tiny_t5(folder):
+def _save_tiny_t5(folder, d_model=32):
   """Random 2-layer T5 encoder + a word-level tokenizer appending </s>."""
   vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
   for word in WORDS:
@@ -51,7 +52,7 @@ def _save_tiny_t5(folder):
   tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
   torch.manual_seed(1)
   config = transformers.T5Config(
-      vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+      vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
       feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)
   model = transformers.T5EncoderModel(config).eval()
   model.save_pretrained(os.path.join(folder, "text_encoder"))
