@@ -94,13 +94,29 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, num_heads: int,
         '--config.guidance.attention="cudnn" is cuDNN\'s fused attention, which needs an '
         f'NVIDIA GPU (JAX backend: {jax.default_backend()!r}); use "dot_product" or "xla".')
   batch, num_queries, width = query.shape
+  num_keys = key.shape[1]
+  # cuDNN's fused attention differentiates a biased attention only over even query and key
+  # lengths (IF's added-KV attention has 64 * 64 + 77 keys): pad both to even, the padded
+  # key masked out by the bias, the padded query row dropped from the output.
+  query, key, value = (_pad_to_even(x) for x in (query, key, value))
+  if key.shape[1] != num_keys:
+    if bias is None:
+      bias = jnp.zeros((batch, num_keys), jnp.float32)
+    bias = jnp.pad(bias, ((0, 0), (0, 1)), constant_values=MASKED_LOGIT_BIAS)
   split_heads = lambda x: x.reshape(*x.shape[:2], num_heads, width // num_heads)
   if bias is not None:  # [batch, keys] -> [batch, heads, queries, keys], broadcast
     bias = bias[:, None, None, :].astype(query.dtype)
   out = jax.nn.dot_product_attention(
       split_heads(query), split_heads(key), split_heads(value), bias=bias,
       implementation='cudnn' if implementation == 'cudnn' else None)
-  return out.reshape(batch, num_queries, width)
+  return out.reshape(batch, -1, width)[:, :num_queries]
+
+
+def _pad_to_even(tokens: jax.Array) -> jax.Array:
+  """[batch, length, width] with one zero token appended when length is odd."""
+  if tokens.shape[1] % 2 == 0:
+    return tokens
+  return jnp.pad(tokens, ((0, 0), (0, 1), (0, 0)))
 
 
 def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
