@@ -104,8 +104,9 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, num_heads: int,
       bias = jnp.zeros((batch, num_keys), jnp.float32)
     bias = jnp.pad(bias, ((0, 0), (0, 1)), constant_values=MASKED_LOGIT_BIAS)
   split_heads = lambda x: x.reshape(*x.shape[:2], num_heads, width // num_heads)
-  if bias is not None:  # [batch, keys] -> [batch, heads, queries, keys], broadcast
-    bias = bias[:, None, None, :].astype(query.dtype)
+  if bias is not None:  # [batch, keys] -> [batch, 1, queries, keys] (cuDNN wants every query)
+    bias = jnp.broadcast_to(bias[:, None, None, :].astype(query.dtype),
+                            (batch, 1, query.shape[1], key.shape[1]))
   out = jax.nn.dot_product_attention(
       split_heads(query), split_heads(key), split_heads(value), bias=bias,
       implementation='cudnn' if implementation == 'cudnn' else None)
