@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 import diffusers
 import jax
@@ -52,6 +53,7 @@ import torch
 
 from att3d_jax import xla_cpu
 from att3d_jax.guidance import load_unet
+from att3d_jax.guidance import unet as unet_lib
 
 CONFIG = dict(
     sample_size=64, in_channels=3, out_channels=6, block_out_channels=(64, 128, 256),
@@ -65,17 +67,26 @@ CONFIG = dict(
     resnet_time_scale_shift='scale_shift', resnet_skip_time_act=True,
     resnet_out_scale_factor=math.sqrt(2), act_fn='gelu', time_embedding_act_fn='gelu',
     cross_attention_norm='group_norm')
+# The accelerator comparison (`run_accelerator`): DeepFloyd IF-I-XL's structure (4 levels of
+# 3 resnets, added-KV attention at the three lower resolutions, T5-XXL's 4096-wide text) at
+# base width 256 instead of 704: 569M parameters, so that PyTorch and JAX both fit with room
+# and the pair compiles and runs in about a minute.
+ACCELERATOR_CONFIG = dict(
+    CONFIG, block_out_channels=(256, 512, 768, 1024), layers_per_block=3,
+    cross_attention_dim=1024, encoder_hid_dim=4096, addition_embed_type_num_heads=64,
+    down_block_types=('ResnetDownsampleBlock2D',) + ('SimpleCrossAttnDownBlock2D',) * 3,
+    up_block_types=('SimpleCrossAttnUpBlock2D',) * 3 + ('ResnetUpsampleBlock2D',))
 SEQUENCE_LENGTH = 77
 SINGLE_THREAD_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
 
 
-def _inputs(batch: int, size: int) -> dict[str, np.ndarray]:
+def _inputs(batch: int, size: int, config: dict = CONFIG) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   return dict(
-      sample=rng.standard_normal((batch, CONFIG['in_channels'], size, size)).astype(np.float32),
+      sample=rng.standard_normal((batch, config['in_channels'], size, size)).astype(np.float32),
       timesteps=rng.uniform(0, 1000, batch).astype(np.float32),
       encoder_hidden_states=rng.standard_normal(
-          (batch, SEQUENCE_LENGTH, CONFIG['encoder_hid_dim'])).astype(np.float32))
+          (batch, SEQUENCE_LENGTH, config['encoder_hid_dim'])).astype(np.float32))
 
 
 def _median_times(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -142,8 +153,7 @@ def torch_conv(x, w, args: dict):
   return torch.nn.functional.conv2d(x, w, stride=args['stride'], padding=args['padding'])
 
 
-def time_convolutions(calls: list[dict], repeats: int, torch_device: str = 'cpu',
-                      torch_runs: bool = True) -> list[dict]:
+def time_convolutions(calls: list[dict], repeats: int) -> list[dict]:
   """The given convolutions alone (no bias), forward and forward+backward (vjp to
   input and kernel, fixed random cotangents), JAX vs PyTorch; rows like `run`'s."""
   rng = np.random.default_rng(2)
@@ -156,28 +166,23 @@ def time_convolutions(calls: list[dict], repeats: int, torch_device: str = 'cpu'
   backward = jax.jit(lambda lhs, rhs, cots: jax.vjp(apply, lhs, rhs)[1](cots))
 
   torch_args = [_torch_conv_args(c) for c in calls]
-  to_torch = lambda a: torch.from_numpy(np.array(a)).to(torch_device).requires_grad_(True)
+  to_torch = lambda a: torch.from_numpy(np.array(a)).requires_grad_(True)
   torch_lhs = [to_torch(np.asarray(x).transpose(c['dimension_numbers'].lhs_spec))
                for x, c in zip(lhs, calls)]
   torch_rhs = [to_torch(np.asarray(w).transpose(c['dimension_numbers'].rhs_spec))
                for w, c in zip(rhs, calls)]
   torch_cots = [to_torch(np.asarray(y).transpose(c['dimension_numbers'].out_spec)).detach()
                 for y, c in zip(cotangents, calls)]
-  sync = torch.cuda.synchronize if torch_device == 'cuda' else lambda: None
 
   def torch_apply():
     return [torch_conv(x, w, args) for x, w, args in zip(torch_lhs, torch_rhs, torch_args)]
 
   def torch_forward():
     with torch.no_grad():
-      out = torch_apply()
-    sync()
-    return out
+      return torch_apply()
 
   def torch_forward_backward():
-    grads = torch.autograd.grad(torch_apply(), torch_lhs + torch_rhs, torch_cots)
-    sync()
-    return grads
+    return torch.autograd.grad(torch_apply(), torch_lhs + torch_rhs, torch_cots)
 
   rows = []
   for name, jax_fn, torch_fn in (
@@ -185,23 +190,19 @@ def time_convolutions(calls: list[dict], repeats: int, torch_device: str = 'cpu'
       ('convolutions_forward_backward',
        lambda: jax.block_until_ready(backward(lhs, rhs, cotangents)), torch_forward_backward)):
     jax_wall, _ = _median_times(jax_fn, repeats)
-    torch_wall = _median_times(torch_fn, repeats)[0] if torch_runs else None
+    torch_wall, _ = _median_times(torch_fn, repeats)
     rows.append(dict(name=name, count=len(calls), jax_s=jax_wall, torch_s=torch_wall,
-                     speedup=torch_wall / jax_wall if torch_runs else None))
+                     speedup=torch_wall / jax_wall))
   return rows
 
 
-def run(quick: bool = False, threads: int | None = None, accelerator: bool = False,
-        split_batch: bool = False) -> list[dict]:
+def run(quick: bool = False, threads: int | None = None, split_batch: bool = False) -> list[dict]:
   """Times JAX and PyTorch; one dict per measurement (name, shapes, seconds, speedups).
 
   Args:
     quick: batch 1 at 32x32 and 3 repeats instead of batch 4 at 64x64 and 5 repeats.
     threads: None for all cores; 1 needs XLA_FLAGS=SINGLE_THREAD_XLA_FLAGS set before JAX
       first runs anything (`main` does this).
-    accelerator: JAX runs on its default GPU/TPU at batch 16, and a bfloat16 forward row
-      is added (its ratio is against float32 JAX); PyTorch runs on CUDA when its build has
-      it, otherwise its columns are None (a CPU PyTorch is no reference for a GPU).
     split_batch: JAX splits the batch over the local XLA devices (`xla_cpu.data_mesh`), the
       params replicated: with the host split into devices by `xla_cpu.split_host`, this is
       how main.py runs the train step. PyTorch is unchanged. The convolutions-alone
@@ -213,22 +214,17 @@ def run(quick: bool = False, threads: int | None = None, accelerator: bool = Fal
     raise RuntimeError(f'threads=1 needs XLA_FLAGS="{SINGLE_THREAD_XLA_FLAGS}" before JAX '
                        'starts; run `python -m benchmarks.bench_unet --threads 1`.')
   batch, size, repeats = (1, 32, 3) if quick else (4, 64, 5)
-  if accelerator:
-    batch, repeats = 16, 10
-  torch_device = 'cuda' if accelerator and torch.cuda.is_available() else 'cpu'
   torch.set_num_threads(threads or os.cpu_count())
   torch.manual_seed(0)
   model = diffusers.UNet2DConditionModel(**CONFIG).eval()
   with tempfile.TemporaryDirectory() as folder:
     model.save_pretrained(folder)
     unet = load_unet(folder)
-    unet_bf16 = load_unet(folder, dtype=jnp.bfloat16) if accelerator else None
-  model = model.to(torch_device)
   inputs = _inputs(batch, size)
-  torch_inputs = {k: torch.from_numpy(v).to(torch_device) for k, v in inputs.items()}
+  torch_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
   cotangent = np.random.default_rng(1).standard_normal(
       (batch, CONFIG['out_channels'], size, size)).astype(np.float32)
-  torch_cotangent = torch.from_numpy(cotangent).to(torch_device)
+  torch_cotangent = torch.from_numpy(cotangent)
   jax_inputs = {k: jnp.asarray(v) for k, v in dict(inputs, cotangent=cotangent).items()}
   params, devices = unet.params, 1
   if split_batch:  # data parallel over the host devices, as main.py runs the train step
@@ -241,21 +237,17 @@ def run(quick: bool = False, threads: int | None = None, accelerator: bool = Fal
         mesh, jax.sharding.PartitionSpec('data')))
     params = jax.device_put(params, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
-  sync = torch.cuda.synchronize if torch_device == 'cuda' else lambda: None
 
   def torch_forward():
     with torch.no_grad():
-      out = model(torch_inputs['sample'], torch_inputs['timesteps'],
-                  torch_inputs['encoder_hidden_states']).sample
-    sync()
-    return out
+      return model(torch_inputs['sample'], torch_inputs['timesteps'],
+                   torch_inputs['encoder_hidden_states']).sample
 
   def torch_forward_backward():
     model.zero_grad(set_to_none=True)
     sample = torch_inputs['sample'].clone().requires_grad_(True)
     out = model(sample, torch_inputs['timesteps'], torch_inputs['encoder_hidden_states']).sample
     (out * torch_cotangent).sum().backward()
-    sync()
     return sample.grad
 
   def apply(params, sample, inputs):
@@ -269,37 +261,103 @@ def run(quick: bool = False, threads: int | None = None, accelerator: bool = Fal
       grad_fn(params, jax_inputs['sample'], jax_inputs))
 
   results = []
-  torch_runs = torch_device == 'cuda' or not accelerator
   for name, jax_fn, torch_fn in (
       ('unet_forward', jax_forward, torch_forward),
       ('unet_forward_backward', jax_forward_backward, torch_forward_backward)):
     jax_wall, jax_cpu = _median_times(jax_fn, repeats)
-    torch_wall, torch_cpu = _median_times(torch_fn, repeats) if torch_runs else (None, None)
+    torch_wall, torch_cpu = _median_times(torch_fn, repeats)
     results.append(dict(
         name=name, batch=batch, size=size, threads=threads or os.cpu_count(),
-        devices=devices, jax_s=jax_wall, torch_s=torch_wall,
-        speedup=torch_wall / jax_wall if torch_runs else None,
-        jax_cpu_s=jax_cpu, torch_cpu_s=torch_cpu,
-        cpu_speedup=torch_cpu / jax_cpu if torch_runs else None))
+        devices=devices, jax_s=jax_wall, torch_s=torch_wall, speedup=torch_wall / jax_wall,
+        jax_cpu_s=jax_cpu, torch_cpu_s=torch_cpu, cpu_speedup=torch_cpu / jax_cpu))
   # What the convolutions alone cost: the UNet cannot beat PyTorch by more than
   # PyTorch's whole time / the time of our convolutions alone. They run on one
   # device either way, so split_batch does not time them again.
   if not split_batch:
     calls = convolution_calls(apply, params, jax_inputs['sample'], jax_inputs)
-    conv_rows = time_convolutions(calls, repeats, torch_device, torch_runs)
+    conv_rows = time_convolutions(calls, repeats)
     for row, conv_row in zip(results, conv_rows):
       row.update(convolutions=conv_row['count'], convolutions_jax_s=conv_row['jax_s'],
                  convolutions_torch_s=conv_row['torch_s'],
-                 speedup_bound=row['torch_s'] / conv_row['jax_s'] if torch_runs else None)
-  if unet_bf16 is not None:
-    bf16_wall, bf16_cpu = _median_times(
-        lambda: jax.block_until_ready(unet_bf16(**{k: jax_inputs[k] for k in inputs})), repeats)
-    results.append(dict(
-        name='unet_forward_bfloat16', batch=batch, size=size,
-        threads=threads or os.cpu_count(), jax_s=bf16_wall, torch_s=None, speedup=None,
-        float32_s=results[0]['jax_s'], speedup_vs_float32=results[0]['jax_s'] / bf16_wall,
-        jax_cpu_s=bf16_cpu, torch_cpu_s=None, cpu_speedup=None))
+                 speedup_bound=row['torch_s'] / conv_row['jax_s'])
   return results
+
+
+def run_accelerator(tiny: bool = False, log=print) -> Iterator[dict]:
+  """bfloat16 on both sides: JAX on its default device (GPU/TPU), diffusers PyTorch on CUDA.
+
+  The model is ACCELERATOR_CONFIG (CONFIG with `tiny`, for testing this path on a CPU, where
+  PyTorch runs on the CPU), batch 16 (8 frames with classifier-free guidance) at 64x64
+  (`tiny`: batch 1 at 32x32). JAX is timed with each attention implementation that the
+  device has: "xla", and "cudnn" on a GPU ("dot_product" elsewhere). Yields one dict per
+  (attention implementation, pass) as soon as it is measured; `log` gets a line for each.
+  """
+  config = CONFIG if tiny else ACCELERATOR_CONFIG
+  batch, size, repeats = (1, 32, 2) if tiny else (16, 64, 10)
+  on_gpu = jax.default_backend() == 'gpu'
+  torch_device = 'cuda' if torch.cuda.is_available() and not tiny else 'cpu'
+  if not tiny and torch_device != 'cuda':
+    raise RuntimeError('the PyTorch reference needs CUDA: torch.cuda.is_available() is False '
+                       f'(torch {torch.__version__})')
+  torch.manual_seed(0)
+  with torch.device(torch_device):  # initialized where it runs: seconds, not minutes
+    model = diffusers.UNet2DConditionModel(**config).eval()
+  implementations = ('xla', 'cudnn' if on_gpu else 'dot_product')
+  with tempfile.TemporaryDirectory() as folder:
+    model.cpu().save_pretrained(folder)
+    unet = load_unet(folder, dtype=jnp.bfloat16)
+  # The same params under each attention implementation.
+  unets = {impl: unet_lib.LoadedUNet(unet_lib.UNet2DConditionModel(
+      unet.config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=impl), unet.params)
+           for impl in implementations}
+  model = model.to(torch_device, torch.bfloat16)
+  num_params = sum(p.numel() for p in model.parameters())
+  inputs = _inputs(batch, size, config)
+  # Timesteps stay float32 (diffusers computes the sinusoids in float32 either way).
+  torch_inputs = {k: torch.from_numpy(v).to(torch_device,
+                                            torch.float32 if k == 'timesteps' else torch.bfloat16)
+                  for k, v in inputs.items()}
+  cotangent = np.random.default_rng(1).standard_normal(
+      (batch, config['out_channels'], size, size)).astype(np.float32)
+  torch_cotangent = torch.from_numpy(cotangent).to(torch_device, torch.bfloat16)
+  jax_inputs = {k: jnp.asarray(v) for k, v in dict(inputs, cotangent=cotangent).items()}
+  sync = torch.cuda.synchronize if torch_device == 'cuda' else lambda: None
+
+  def torch_forward():
+    with torch.no_grad():
+      model(torch_inputs['sample'], torch_inputs['timesteps'],
+            torch_inputs['encoder_hidden_states'])
+    sync()
+
+  def torch_forward_backward():
+    model.zero_grad(set_to_none=True)
+    sample = torch_inputs['sample'].clone().requires_grad_(True)
+    out = model(sample, torch_inputs['timesteps'], torch_inputs['encoder_hidden_states']).sample
+    (out * torch_cotangent).sum().backward()
+    sync()
+
+  torch_times = {'forward': _median_times(torch_forward, repeats)[0],
+                 'forward_backward': _median_times(torch_forward_backward, repeats)[0]}
+  log(f'  PyTorch {torch_device} bf16: forward {1e3 * torch_times["forward"]:.1f} ms, '
+      f'forward+backward {1e3 * torch_times["forward_backward"]:.1f} ms')
+  for impl, unet in unets.items():
+    apply = lambda params, sample, inputs, unet=unet: unet.module.apply(
+        {'params': params}, sample, inputs['timesteps'], inputs['encoder_hidden_states'])
+    loss = lambda params, sample, inputs, apply=apply: jnp.sum(
+        apply(params, sample, inputs) * inputs['cotangent'])
+    functions = {'forward': jax.jit(apply), 'forward_backward': jax.jit(jax.grad(loss, (0, 1)))}
+    for name, fn in functions.items():
+      call = lambda fn=fn: jax.block_until_ready(fn(unet.params, jax_inputs['sample'], jax_inputs))
+      start = time.perf_counter()
+      call()
+      compile_s = time.perf_counter() - start
+      jax_s = _median_times(call, repeats)[0]
+      log(f'  JAX bf16 {name} attention={impl}: {1e3 * jax_s:.1f} ms '
+          f'(first call {compile_s:.1f} s)')
+      yield dict(name=f'unet_{name}', attention=impl, batch=batch, size=size,
+                 params=num_params, jax_s=jax_s, torch_s=torch_times[name],
+                 speedup=torch_times[name] / jax_s, compile_s=compile_s,
+                 torch_device=torch_device)
 
 
 def main():

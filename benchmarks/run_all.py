@@ -28,11 +28,13 @@ Rows, each a ratio measured side by side in this run:
     experiments/quality_vs_compute.py (docs/results/quality_vs_compute.csv): two
     trainings of ~25 minutes each are no benchmark row, so that row cites its run.
 
-    python -m benchmarks.run_all --gpu      # on a GPU/TPU machine: accelerator sizes
+    python -m benchmarks.run_all --gpu [--text_tables PATH]   # on a GPU/TPU machine
 
---gpu runs JAX on the default accelerator (batch 16 UNet, plus a bfloat16 row against
-float32), PyTorch on CUDA only where its build has CUDA, and writes
-docs/benchmarks_gpu.md; it refuses to run without an accelerator.
+--gpu runs benchmarks/accelerator.py's rows instead (bfloat16 UNet vs diffusers PyTorch on
+CUDA, an IF-I-XL-sized SDS step, the shapes train step) and writes docs/benchmarks_gpu.md
+with the card's name; it refuses to run without an accelerator. benchmarks/
+accelerator_check.sh runs it on a machine prepared by benchmarks/prepare_accelerator_check.sh.
+--gpu --cpu_dry_run runs the same code at test sizes on the CPU (tests/test_accelerator.py).
 """
 
 import argparse
@@ -55,6 +57,7 @@ from att3d_jax import build
 from att3d_jax import prompt_data
 from att3d_jax import sharding
 from att3d_jax import xla_cpu
+from att3d_jax.guidance import base as guidance_base
 from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
 from configs import shapes as shapes_config
@@ -80,10 +83,11 @@ def matmul_peak(quick: bool) -> float:
   return 2.0 * size**3 / _median_seconds(lambda: matmul(a), 3)
 
 
-def train_step_profile(quick: bool) -> dict:
-  """Frames/s of the shapes train step, its parts, and its FLOP/s."""
+def train_step_profile(quick: bool, guidance: guidance_base.Guidance | None = None) -> dict:
+  """Frames/s of the shapes train step, its parts, and its FLOP/s; `guidance`: a prebuilt
+  shapes guidance (benchmarks/accelerator.py's with precomputed text tables)."""
   config = shapes_config.get_config("quick" if quick else None)
-  built = build.build(config)
+  built = build.build(config, guidance=guidance)
   guidance, tables, model, state, mesh, step_fn, optimizer = (
       built.guidance, built.train_tables, built.model, built.state, built.mesh,
       built.train_step, built.optimizer)
@@ -91,7 +95,10 @@ def train_step_profile(quick: bool) -> dict:
                          sharding.data_sharding(mesh))
   key = jax.random.key(0)
   compiled = step_fn.lower(state, batch, key).compile()
-  flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, (list, tuple)):  # one dict per program in some jax versions
+    cost = cost[0] if cost else {}
+  flops = float(cost.get("flops", float("nan")))
   repeats = 3 if quick else 10
   holder = {"state": state}
 
@@ -185,11 +192,6 @@ def _unet_row(row: dict, variant: str) -> tuple[str, str, str, str]:
   kind = row['name'].removeprefix('unet_').replace('_', '+').replace('+bf', ' bf')
   name = (f"UNet {kind}{variant} (IF-style, batch {row['batch']}, "
           f"{row['size']}x{row['size']})")
-  if "speedup_vs_float32" in row:
-    return (name, f"{1000 * row['jax_s']:.1f} ms",
-            f"float32 JAX {1000 * row['float32_s']:.1f} ms", f"{row['speedup_vs_float32']:.2f}x")
-  if row["torch_s"] is None:
-    return (name, f"{1000 * row['jax_s']:.1f} ms", "PyTorch without CUDA: not run", "")
   return (name, f"{1000 * row['jax_s']:.0f} ms",
           f"diffusers PyTorch {1000 * row['torch_s']:.0f} ms", f"{row['speedup']:.2f}x")
 
@@ -227,18 +229,18 @@ def cli_startup_seconds() -> tuple[float, float]:
   return times[0], times[1]
 
 
-def run(quick: bool, accelerator: bool = False) -> list[tuple[str, str, str, str]]:
-  """(benchmark, ours, reference, ratio) rows; `accelerator`: see --gpu."""
+def run(quick: bool) -> list[tuple[str, str, str, str]]:
+  """(benchmark, ours, reference, ratio) rows of the CPU benchmark."""
   from benchmarks import bench_generate  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_hashgrid  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_unet  # pylint: disable=g-import-not-at-top
   table = []
-  unet_runs = [("", bench_unet.run(quick, accelerator=accelerator))]
-  if not accelerator:  # the same UNet with XLA:CPU's convolutions on Eigen, side by side
-    unet_runs.append((", Eigen convolutions", eigen_unet_rows(quick)))
-    if len(jax.devices()) > 1:  # main() split the host, as main.py does
-      split = bench_unet.run(quick, split_batch=True)
-      unet_runs.append((f", batch split over {split[0]['devices']} host devices", split))
+  unet_runs = [("", bench_unet.run(quick))]
+  # The same UNet with XLA:CPU's convolutions on Eigen, side by side.
+  unet_runs.append((", Eigen convolutions", eigen_unet_rows(quick)))
+  if len(jax.devices()) > 1:  # main() split the host, as main.py does
+    split = bench_unet.run(quick, split_batch=True)
+    unet_runs.append((f", batch split over {split[0]['devices']} host devices", split))
   for variant, rows in unet_runs:
     for row in rows:
       table.append(_unet_row(row, variant))
@@ -260,7 +262,7 @@ def run(quick: bool, accelerator: bool = False) -> list[tuple[str, str, str, str
                 f"({profile['rows']} prompts x {profile['views']} views, {profile['size']})",
                 f"{profile['frames_per_s']:.1f} frames/s ({1000 * profile['step_s']:.0f} ms/step)",
                 "", ""))
-  if not quick and not accelerator:
+  if not quick:
     one_device = one_device_step_seconds()
     table.append((f"  the same step on one host device (main.py splits the CPU into "
                   f"{len(jax.devices())}: config.train.cpu_devices)",
@@ -296,38 +298,72 @@ def machine_info() -> str:
           f"({jax.default_backend()}), {datetime.date.today()}")
 
 
-def to_markdown(table, info: str, command: str) -> str:
-  lines = ["# Benchmarks", "", f"Machine: {info}", "", f"Command: `{command}`", "",
+def to_markdown(table, info: str, command: str, title: str = "Benchmarks") -> str:
+  lines = [f"# {title}", "", f"Machine: {info}", "", f"Command: `{command}`", "",
            "| benchmark | ours | reference | ratio |", "|---|---|---|---|"]
   lines += [f"| {' | '.join(row)} |" for row in table]
   return "\n".join(lines) + "\n"
+
+
+def accelerator_main(args) -> None:
+  """--gpu: benchmarks/accelerator.py's rows, docs/benchmarks_gpu.md."""
+  # Each row runs in its own process, PyTorch next to JAX in one of them: JAX must not
+  # reserve most of the device's memory up front, here or there.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  if args.quick:
+    sys.exit("--gpu and --quick are exclusive")
+  if jax.default_backend() not in ("gpu", "tpu") and not args.cpu_dry_run:
+    sys.exit(f"--gpu: JAX sees no GPU or TPU (backend {jax.default_backend()!r}, devices "
+             f"{jax.devices()}); install jax with CUDA (or TPU) support on a machine with one "
+             "(bash install.sh --gpu)")
+  device = jax.devices()[0]
+  print(f"--gpu on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
+        file=sys.stderr, flush=True)
+  table = accelerator.run(tiny=args.cpu_dry_run, text_tables=args.text_tables)
+  info = f"{device.device_kind} ({len(jax.devices())} devices); host: {machine_info()}"
+  if args.cpu_dry_run:
+    info += "; CPU DRY RUN at test sizes: its numbers measure nothing"
+  command = "python -m benchmarks.run_all --gpu" + (
+      f" --text_tables {args.text_tables}" if args.text_tables else "") + (
+          " --cpu_dry_run" if args.cpu_dry_run else "")
+  markdown = to_markdown(table, info, command, title="Benchmarks on an accelerator")
+  print(markdown, flush=True)
+  out = args.out or (None if args.cpu_dry_run else os.path.join("docs", "benchmarks_gpu.md"))
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      f.write(markdown)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="CI sizes")
   parser.add_argument("--gpu", action="store_true",
-                      help="accelerator sizes on the default GPU/TPU; docs/benchmarks_gpu.md")
+                      help="the accelerator benchmark on the default GPU/TPU "
+                           "(benchmarks/accelerator.py); writes docs/benchmarks_gpu.md")
+  parser.add_argument("--text_tables", default=None,
+                      help="--gpu: the shapes text tables written by "
+                           "`python -m benchmarks.accelerator --save_text_tables` (for a "
+                           "machine without the MiniLM package)")
+  parser.add_argument("--cpu_dry_run", action="store_true",
+                      help="--gpu: run its rows at test sizes on any backend (a test of the "
+                           "code path; writes only to --out)")
   parser.add_argument("--out", default=None,
-                      help="markdown file (default: docs/benchmarks.md, none with --quick)")
+                      help="markdown file (default: docs/benchmarks.md, docs/benchmarks_gpu.md "
+                           "with --gpu, none with --quick or --cpu_dry_run)")
   args = parser.parse_args()
-  if not args.gpu:  # the train step as main.py runs it; before JAX starts
-    xla_cpu.split_host(shapes_config.get_config().train.cpu_devices)
-  if args.gpu and jax.default_backend() not in ("gpu", "tpu"):
-    sys.exit(f"--gpu: JAX sees no GPU or TPU (backend {jax.default_backend()!r}, devices "
-             f"{jax.devices()}); install jax with CUDA (or TPU) support on a machine with one")
-  if args.gpu and args.quick:
-    sys.exit("--gpu and --quick are exclusive")
-  table = run(args.quick, accelerator=args.gpu)
-  command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "") + (
-      " --gpu" if args.gpu else "")
-  info = machine_info()
   if args.gpu:
-    info += f", {jax.devices()[0].device_kind}"
-  markdown = to_markdown(table, info, command)
+    accelerator_main(args)
+    return
+  if args.cpu_dry_run or args.text_tables:
+    sys.exit("--cpu_dry_run and --text_tables go with --gpu")
+  xla_cpu.split_host(shapes_config.get_config().train.cpu_devices)  # before JAX starts
+  table = run(args.quick)
+  command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "")
+  markdown = to_markdown(table, machine_info(), command)
   print(markdown)
-  default_out = os.path.join("docs", "benchmarks_gpu.md" if args.gpu else "benchmarks.md")
-  out = args.out or (None if args.quick else default_out)
+  out = args.out or (None if args.quick else os.path.join("docs", "benchmarks.md"))
   if out:
     with open(out, "w") as f:
       f.write(markdown)

@@ -32,7 +32,13 @@ def get_real_config(prompt_set: str, arg: str | None) -> ml_collections.ConfigDi
   config.guidance.text_encoder_path = ""  # required: local folder with tokenizer/, text_encoder/
   config.guidance.text_encoder_kind = "clip"  # SD only: clip | clip_penultimate (IF: T5)
   config.guidance.cache_dir = "~/.cache/att3d_jax/text"  # text-embedding cache (.npz)
-  config.guidance.dtype = "bfloat16"  # UNet (and VAE) params and compute; float32 on CPU
+  # UNet (and VAE) params and activations: "bfloat16" | "float32" (use float32 on a CPU);
+  # normalization and the attention softmax are computed in float32 either way.
+  config.guidance.dtype = "bfloat16"
+  # Attention implementation (guidance/attention.py): "xla" (our matmuls, fastest on CPU) |
+  # "dot_product" (jax.nn.dot_product_attention) | "cudnn" (its fused cuDNN flash kernel,
+  # NVIDIA GPUs, bfloat16).
+  config.guidance.attention = "xla"
   # CFG 70 with IF-I-XL (reimpl., ATT3D notes); SDS with Stable Diffusion usually takes 100.
   config.guidance.scale = 70.0
   config.guidance.amortize_scale = False  # sample the weight per row, feed it to the mapping

@@ -55,9 +55,11 @@ def encode_prompts(encoder_kind: str, folder: str, prompts: Sequence[str], cache
 WORDS = ["a", "red", "blue", "cube", "sphere", "wearing", "hat", "front", "side", "back",
          "overhead", "view", ","]
 PROMPTS = ["a red cube", "A Blue sphere wearing a red hat"]
+# The cache keeps float16: its values are the float32 encoder's rounded once.
+FLOAT16 = dict(rtol=2**-10, atol=1e-7)
 
 
-def _save_tiny_clip(folder, num_layers=3):
+def _save_tiny_clip(folder, num_layers=3, hidden_size=32):
   """Random 3-layer CLIP text model + a byte-level BPE tokenizer (no merges)."""
   alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
   vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -68,7 +70,8 @@ def _save_tiny_clip(folder, num_layers=3):
   tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
   torch.manual_seed(0)
   config = transformers.CLIPTextConfig(
-      vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+      vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=64,
+      num_hidden_layers=num_layers,
       num_attention_heads=4, max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
       pad_token_id=1)
   model = transformers.CLIPTextModel(config).eval()
@@ -76,7 +79,7 @@ def _save_tiny_clip(folder, num_layers=3):
   return tokenizer, model
 
 
-def _save_tiny_t5(folder):
+def _save_tiny_t5(folder, d_model=32):
   """Random 2-layer T5 encoder + a word-level tokenizer appending </s>."""
   vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
   for word in WORDS:
@@ -91,7 +94,7 @@ def _save_tiny_t5(folder):
   tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
   torch.manual_seed(1)
   config = transformers.T5Config(
-      vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+      vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
       feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)
   model = transformers.T5EncoderModel(config).eval()
   model.save_pretrained(os.path.join(folder, "text_encoder"))
@@ -119,9 +122,9 @@ def test_clip_embeddings_match_transformers_and_cache(tmp_path):
   assert VIEW_SUFFIXES[1 + 2] == ", back view"
   texts = [p + s for p in PROMPTS for s in VIEW_SUFFIXES]
   expected = _direct(tokenizer, model, texts, 24, mask=False).reshape(2, num_views, 24, 32)
-  np.testing.assert_allclose(result.embeddings, expected, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(result.embeddings, expected, **FLOAT16)
   np.testing.assert_allclose(result.uncond, _direct(tokenizer, model, [""], 24, False)[0],
-                             rtol=0, atol=1e-5)
+                             **FLOAT16)
   # The plain prompt and a view-dependent one differ (the suffix is really appended).
   assert np.abs(result.embeddings[0, 0] - result.embeddings[0, 1]).max() > 1e-3
 
@@ -137,7 +140,7 @@ def test_clip_embeddings_match_transformers_and_cache(tmp_path):
   new = cache.lookup(["a blue cube, side view"])
   assert cache.num_encoded == 1
   np.testing.assert_allclose(new, _direct(tokenizer, model, ["a blue cube, side view"], 24, False),
-                             rtol=0, atol=1e-5)
+                             **FLOAT16)
   assert len(text.EmbeddingCache("clip", folder, cache_dir).lookup(texts)) == len(texts)
 
   # A corrupt cache file is recomputed, not trusted.
@@ -153,7 +156,7 @@ def test_clip_penultimate_uses_second_to_last_layer_and_own_cache(tmp_path):
   tokenizer, model = _save_tiny_clip(folder)
   result = encode_prompts("clip_penultimate", folder, PROMPTS[:1], cache_dir, suffixes=("",))
   expected = _direct(tokenizer, model, PROMPTS[:1], 24, False, hidden_layer=-2)
-  np.testing.assert_allclose(result.embeddings[:, 0], expected, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(result.embeddings[:, 0], expected, **FLOAT16)
   assert np.abs(result.embeddings[0, 0] - _direct(tokenizer, model, PROMPTS[:1], 24, False)[0]
                 ).max() > 1e-3
   # Another encoder kind on the same folder never reads this cache.
@@ -169,10 +172,9 @@ def test_t5_embeddings_match_transformers(tmp_path):
   texts = [(p + s).lower() for p in PROMPTS for s in VIEW_SUFFIXES]
   expected = _direct(tokenizer, model, texts, text.T5_MAX_LENGTH, mask=True)
   assert result.embeddings.shape == (2, len(VIEW_SUFFIXES), text.T5_MAX_LENGTH, 32)
-  np.testing.assert_allclose(result.embeddings.reshape(expected.shape), expected, rtol=0,
-                             atol=1e-5)
+  np.testing.assert_allclose(result.embeddings.reshape(expected.shape), expected, **FLOAT16)
   np.testing.assert_allclose(result.uncond, _direct(tokenizer, model, ["blue"], 77, True)[0],
-                             rtol=0, atol=1e-5)
+                             **FLOAT16)
 
 
 def test_bad_inputs_are_explained(tmp_path):
@@ -183,3 +185,28 @@ def test_bad_inputs_are_explained(tmp_path):
     encode_prompts("clip", str(tmp_path / "nowhere"), ["a cube", "   "], str(tmp_path))
   with pytest.raises(ValueError, match="unknown text encoder kind 'bert'.*clip"):
     text.EmbeddingCache("bert", str(tmp_path), str(tmp_path))
+
+
+def test_encoder_placement_batches_and_half_precision(tmp_path, capsys, monkeypatch):
+  """On this CPU the encoders run in float32; a GPU gets bfloat16 (T5) / float16 (CLIP),
+  tried here on the CPU with the tiny T5 in bfloat16: close to float32 at bf16's 8
+  significant bits. More than one batch of misses shows a progress bar."""
+  assert text.default_placement("t5") == ("cpu", torch.float32)
+  folder = str(tmp_path / "if")
+  tokenizer, model = _save_tiny_t5(folder)
+  texts = [f"prompt number {i}" for i in range(5)]
+  expected = _direct(tokenizer, model, texts, text.T5_MAX_LENGTH, mask=True)
+  bf16 = text.TextEncoder("t5", folder, dtype=torch.bfloat16)
+  assert bf16.model.dtype == torch.bfloat16 and bf16.device == "cpu"
+  got = bf16(texts)
+  assert got.dtype == np.float32
+  error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+  assert 0 < error < 0.02, error
+
+  monkeypatch.setattr(text, "_ENCODE_BATCH", 2)
+  cache = text.EmbeddingCache("t5", folder, str(tmp_path / "cache"))
+  np.testing.assert_allclose(cache.lookup(texts), expected, **FLOAT16)
+  assert "encoding 5 texts (t5, cpu, float32)" in capsys.readouterr().err
+  (cache_file,) = os.listdir(tmp_path / "cache")
+  with np.load(tmp_path / "cache" / cache_file) as data:
+    assert data["embeddings"].dtype == np.float16

@@ -8,6 +8,14 @@ All layers work on channels-last arrays: token sequences `[batch, length, channe
 images `[batch, height, width, channels]`. Attention logits and the softmax are computed in
 float32 whatever the compute dtype, which is what diffusers' `upcast_attention` and
 `upcast_softmax` ask for and changes nothing in float32.
+
+Attention implementations (`IMPLEMENTATIONS`, config.guidance.attention):
+  "xla": `dot_product_attention` below: batched matmuls and a softmax that XLA fuses;
+      the fastest on CPU.
+  "dot_product": `jax.nn.dot_product_attention` with JAX's default implementation
+      (today XLA's, with the same float32 logits and softmax).
+  "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused
+      (flash) attention: NVIDIA GPUs only, bfloat16/float16 compute, head width <= 128.
 """
 
 import dataclasses
@@ -23,6 +31,7 @@ Dtype = Any
 
 # diffusers turns a {1 keep, 0 discard} mask into this additive logit bias.
 MASKED_LOGIT_BIAS = -10000.0
+IMPLEMENTATIONS = ('xla', 'dot_product', 'cudnn')
 
 
 def mask_to_bias(mask: jax.Array | None) -> jax.Array | None:
@@ -61,6 +70,63 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, nu
   return out.transpose(0, 2, 1, 3).reshape(batch, num_queries, width)
 
 
+def check_implementation(implementation: str) -> None:
+  """ValueError naming the flag unless `implementation` is one of IMPLEMENTATIONS."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'--config.guidance.attention={implementation!r} is not an attention '
+                     f'implementation; use one of {IMPLEMENTATIONS} (see guidance/attention.py).')
+
+
+def attend(query: jax.Array, key: jax.Array, value: jax.Array, num_heads: int,
+           bias: jax.Array | None = None, implementation: str = 'xla') -> jax.Array:
+  """`dot_product_attention` through the chosen implementation (module docstring).
+
+  Args: as `dot_product_attention`; implementation: one of IMPLEMENTATIONS.
+
+  Returns:
+    [batch, queries, num_heads * head_dim] in the dtype of `value`.
+  """
+  check_implementation(implementation)
+  if implementation == 'xla':
+    return dot_product_attention(query, key, value, num_heads, bias)
+  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(
+        '--config.guidance.attention="cudnn" is cuDNN\'s fused attention, which needs an '
+        f'NVIDIA GPU (JAX backend: {jax.default_backend()!r}); use "dot_product" or "xla".')
+  batch, num_queries, width = query.shape
+  num_keys = key.shape[1]
+  # cuDNN's fused attention differentiates a biased attention only over even query and key
+  # lengths (IF's added-KV attention has 64 * 64 + 77 keys): pad both to even, the padded
+  # key masked out by the bias, the padded query row dropped from the output.
+  query, key, value = (_pad_to_even(x) for x in (query, key, value))
+  if key.shape[1] != num_keys:
+    if bias is None:
+      bias = jnp.zeros((batch, num_keys), jnp.float32)
+    bias = jnp.pad(bias, ((0, 0), (0, 1)), constant_values=MASKED_LOGIT_BIAS)
+  split_heads = lambda x: x.reshape(*x.shape[:2], num_heads, width // num_heads)
+  if bias is not None:  # [batch, keys] -> [batch, 1, queries, keys] (cuDNN wants every query)
+    bias = jnp.broadcast_to(bias[:, None, None, :].astype(query.dtype),
+                            (batch, 1, query.shape[1], key.shape[1]))
+  out = jax.nn.dot_product_attention(
+      split_heads(query), split_heads(key), split_heads(value), bias=bias,
+      implementation='cudnn' if implementation == 'cudnn' else None)
+  return out.reshape(batch, -1, width)[:, :num_queries]
+
+
+def _pad_to_even(tokens: jax.Array) -> jax.Array:
+  """[batch, length, width] with one zero token appended when length is odd."""
+  if tokens.shape[1] % 2 == 0:
+    return tokens
+  return jnp.pad(tokens, ((0, 0), (0, 1), (0, 0)))
+
+
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+  """torch.nn.LayerNorm(eps=1e-5): flax reduces in float32 (force_float32_reductions) and
+  normalizes the float32-promoted input, so only the output is rounded to `dtype`."""
+  return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, force_float32_reductions=True,
+                      name=name, dtype=dtype, param_dtype=param_dtype)
+
+
 def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True):
   return nn.Dense(features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=param_dtype)
 
@@ -72,10 +138,12 @@ class Attention(nn.Module):
     num_heads: attention heads.
     head_dim: channels per head (inner width = num_heads * head_dim).
     use_bias: biases on to_q/to_k/to_v (the output projection always has one).
+    implementation: one of IMPLEMENTATIONS.
   """
   num_heads: int
   head_dim: int
   use_bias: bool = False
+  implementation: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -90,7 +158,7 @@ class Attention(nn.Module):
     query = dense(inner, 'to_q')(hidden_states)
     key = dense(inner, 'to_k')(context)
     value = dense(inner, 'to_v')(context)
-    out = dot_product_attention(query, key, value, self.num_heads, bias)
+    out = attend(query, key, value, self.num_heads, bias, self.implementation)
     return dense(hidden_states.shape[-1], 'to_out.0', True)(out)
 
 
@@ -129,6 +197,7 @@ class BasicTransformerBlock(nn.Module):
   num_heads: int
   head_dim: int
   only_cross_attention: bool = False
+  implementation: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -138,8 +207,9 @@ class BasicTransformerBlock(nn.Module):
     """x: [batch, length, channels]; context: [batch, keys, context_dim];
     context_bias: [batch, keys]."""
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name, **kwargs)
-    attention = lambda name: Attention(self.num_heads, self.head_dim, name=name, **kwargs)
+    norm = lambda name: layer_norm(name, **kwargs)
+    attention = lambda name: Attention(self.num_heads, self.head_dim,
+                                       implementation=self.implementation, name=name, **kwargs)
     x = attention('attn1')(norm('norm1')(x), context if self.only_cross_attention else None) + x
     x = attention('attn2')(norm('norm2')(x), context, context_bias) + x
     return FeedForward(name='ff', **kwargs)(norm('norm3')(x)) + x
@@ -160,6 +230,7 @@ class Transformer2DModel(nn.Module):
   norm_num_groups: int = 32
   use_linear_projection: bool = False
   only_cross_attention: bool = False
+  implementation: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -178,7 +249,8 @@ class Transformer2DModel(nn.Module):
     hidden = project(inner, 'proj_in')(hidden).reshape(batch, height * width, inner)
     for i in range(self.num_layers):
       hidden = BasicTransformerBlock(self.num_heads, self.head_dim, self.only_cross_attention,
-                                     name=f'transformer_blocks.{i}', **kwargs)(
+                                     self.implementation, name=f'transformer_blocks.{i}',
+                                     **kwargs)(
                                          hidden, context, context_bias)
     hidden = project(channels, 'proj_out')(hidden.reshape(batch, height, width, inner))
     return hidden + x
@@ -195,11 +267,13 @@ class AddedKVAttention(nn.Module):
     head_dim: channels per head; heads = channels // head_dim.
     norm_num_groups: groups of the input GroupNorm (epsilon 1e-5, diffusers' default here).
     cross_attention_norm: None, "layer_norm" or "group_norm" (32 groups) on the text tokens.
+    implementation: one of IMPLEMENTATIONS.
   """
   head_dim: int
   norm_num_groups: int = 32
   only_cross_attention: bool = False
   cross_attention_norm: str | None = None
+  implementation: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -214,8 +288,7 @@ class AddedKVAttention(nn.Module):
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dense = lambda n, name: _dense(n, name, **kwargs)
     if self.cross_attention_norm == 'layer_norm':
-      context = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name='norm_cross',
-                             **kwargs)(context)
+      context = layer_norm('norm_cross', **kwargs)(context)
     elif self.cross_attention_norm == 'group_norm':
       context = unet_blocks.group_norm(32, 1e-5, 'norm_cross', **kwargs)(context)
     elif self.cross_attention_norm is not None:
@@ -232,7 +305,7 @@ class AddedKVAttention(nn.Module):
       value = jnp.concatenate([value, dense(inner, 'to_v')(hidden)], axis=1)
       if context_bias is not None:  # The image tokens are never masked.
         context_bias = jnp.pad(context_bias, ((0, 0), (0, height * width)))
-    out = dot_product_attention(query, key, value, num_heads, context_bias)
+    out = attend(query, key, value, num_heads, context_bias, self.implementation)
     out = dense(channels, 'to_out.0')(out).reshape(batch, height, width, channels)
     return out + x
 
@@ -249,6 +322,7 @@ class CrossAttentionSettings:
     use_linear_projection: "transformer" only.
     only_cross_attention: no self-attention (both kinds).
     cross_attention_norm: "added_kv" only: None, "layer_norm" or "group_norm".
+    implementation: how attention is computed, one of IMPLEMENTATIONS.
   """
   kind: str
   num_heads: int | None = None
@@ -257,6 +331,7 @@ class CrossAttentionSettings:
   use_linear_projection: bool = False
   only_cross_attention: bool = False
   cross_attention_norm: str | None = None
+  implementation: str = 'xla'
 
   def build(self, channels: int, norm_num_groups: int, layer: int, name: str, dtype: Dtype,
             param_dtype: Dtype) -> nn.Module:
@@ -266,10 +341,12 @@ class CrossAttentionSettings:
       return Transformer2DModel(
           self.num_heads, channels // self.num_heads, num_layers=self.transformer_layers[layer],
           norm_num_groups=norm_num_groups, use_linear_projection=self.use_linear_projection,
-          only_cross_attention=self.only_cross_attention, **kwargs)
+          only_cross_attention=self.only_cross_attention, implementation=self.implementation,
+          **kwargs)
     if self.kind == 'added_kv':
       return AddedKVAttention(
           self.head_dim, norm_num_groups=norm_num_groups,
           only_cross_attention=self.only_cross_attention,
-          cross_attention_norm=self.cross_attention_norm, **kwargs)
+          cross_attention_norm=self.cross_attention_norm, implementation=self.implementation,
+          **kwargs)
     raise ValueError(f'attention kind must be "transformer" or "added_kv", got {self.kind!r}.')

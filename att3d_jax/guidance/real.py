@@ -42,6 +42,7 @@ from att3d_jax.guidance import unet as unet_lib
 from att3d_jax.guidance import vae as vae_lib
 
 KINDS = ("if", "sd")
+DTYPES = ("float32", "bfloat16")  # config.guidance.dtype
 _LAYOUTS = {
     "if": "a local DeepFloyd IF stage-I diffusers folder (containing unet/ and scheduler/), "
           "e.g. a copy of DeepFloyd/IF-I-XL-v1.0",
@@ -125,7 +126,7 @@ def load_guidance(config: ml_collections.ConfigDict) -> base.Guidance:
   """The frozen IF or SD model and its cached text embeddings, from local folders only.
 
   Config fields read (configs/df27.py documents them): guidance.kind, path,
-  text_encoder_path, text_encoder_kind (SD), cache_dir, dtype;
+  text_encoder_path, text_encoder_kind (SD), cache_dir, dtype, attention;
   render.background_color.
 
   Raises:
@@ -139,8 +140,11 @@ def load_guidance(config: ml_collections.ConfigDict) -> base.Guidance:
   path = _required_folder(config.guidance.path, "--config.guidance.path", _LAYOUTS[kind])
   text_path = _required_folder(config.guidance.text_encoder_path,
                                "--config.guidance.text_encoder_path", _TEXT_LAYOUT)
+  if config.guidance.dtype not in DTYPES:
+    raise ValueError(f"--config.guidance.dtype={config.guidance.dtype!r}; use one of {DTYPES} "
+                     "(bfloat16 on a GPU/TPU, float32 on a CPU, which has no fast bf16)")
   dtype = jnp.dtype(config.guidance.dtype)
-  unet = unet_lib.load_unet(path, dtype=dtype)
+  unet = unet_lib.load_unet(path, dtype=dtype, attention=config.guidance.attention)
   unet_config = unet.config
   if unet_config.class_embed_type is not None:
     raise ValueError(f"the UNet in {path!r} needs class labels (class_embed_type="

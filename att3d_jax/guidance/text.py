@@ -21,15 +21,22 @@ DreamFusion's view-dependent prompting); embeddings are cached in one .npz
 per encoder: the file stores the texts next to the embeddings and its name
 carries the encoder folder's identity, so a different encoder never hits a
 stale cache. A text missing from the cache is encoded and the file rewritten.
+
+The encoder runs on a CUDA GPU when PyTorch sees one, in bfloat16 for T5 (IF's
+T5-XXL is ~19 GB in float32; float16 overflows in T5's feed-forward layers) and
+float16 for CLIP, and on the CPU in float32; texts go through it in batches
+with a progress bar. The cache stores float16 (what the train loop keeps of
+the embeddings anyway) and lookups return float32.
 """
 
 import hashlib
 import logging
 import os
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 import zipfile
 
 import numpy as np
+import tqdm
 
 ENCODER_KINDS = ("clip", "clip_penultimate", "t5")
 T5_MAX_LENGTH = 77  # DeepFloyd IF's text length (diffusers' IFPipeline).
@@ -73,21 +80,35 @@ def encoder_identity(encoder_kind: str, folder: str) -> str:
   return f"{encoder_kind}-{name}-{digest.hexdigest()[:12]}"
 
 
-class TextEncoder:
-  """A transformers tokenizer + text model (PyTorch, float32, CPU)."""
+def default_placement(encoder_kind: str) -> tuple[str, Any]:
+  """(torch device, torch dtype) an encoder runs in: a CUDA GPU when PyTorch sees one, in
+  bfloat16 (T5) or float16 (CLIP); else the CPU in float32."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if torch.cuda.is_available():
+    return "cuda", torch.bfloat16 if encoder_kind == "t5" else torch.float16
+  return "cpu", torch.float32
 
-  def __init__(self, encoder_kind: str, folder: str):
+
+class TextEncoder:
+  """A transformers tokenizer + text model (PyTorch), on `device` in `dtype`
+  (default: `default_placement`)."""
+
+  def __init__(self, encoder_kind: str, folder: str, device: str | None = None,
+               dtype: Any = None):
     _check_kind_and_folder(encoder_kind, folder)
     # Deferred imports (seconds): a run served from the cache never needs them.
     import torch
     import transformers
     self.kind = encoder_kind
+    default_device, default_dtype = default_placement(encoder_kind)
+    self.device = device or default_device
+    self.dtype = dtype or default_dtype
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(
         os.path.join(folder, "tokenizer"))
     model_class = (transformers.T5EncoderModel if encoder_kind == "t5"
                    else transformers.CLIPTextModel)
     self.model = model_class.from_pretrained(
-        os.path.join(folder, "text_encoder"), dtype=torch.float32).eval()
+        os.path.join(folder, "text_encoder"), dtype=self.dtype).to(self.device).eval()
     self.max_length = (T5_MAX_LENGTH if encoder_kind == "t5"
                        else self.tokenizer.model_max_length)
 
@@ -97,7 +118,7 @@ class TextEncoder:
     if self.kind == "t5":
       texts = [text.lower().strip() for text in texts]  # IFPipeline's preprocessing
     tokens = self.tokenizer(list(texts), padding="max_length", max_length=self.max_length,
-                            truncation=True, return_tensors="pt")
+                            truncation=True, return_tensors="pt").to(self.device)
     # diffusers passes CLIP's attention mask only when the config asks for it.
     use_mask = self.kind == "t5" or getattr(self.model.config, "use_attention_mask", False)
     mask = tokens.attention_mask if use_mask else None
@@ -107,14 +128,14 @@ class TextEncoder:
         hidden = self.model.final_layer_norm(outputs.hidden_states[-2])
       else:
         hidden = self.model(tokens.input_ids, attention_mask=mask).last_hidden_state
-    return hidden.float().numpy()
+    return hidden.float().cpu().numpy()
 
 
 class EmbeddingCache:
   """text -> embedding [max_length, hidden], persisted as one .npz per encoder.
 
   The file `<cache_dir>/text_<identity>.npz` holds `texts` [N] (str) and
-  `embeddings` [N, max_length, hidden] float32. The encoder itself is loaded
+  `embeddings` [N, max_length, hidden] float16. The encoder itself is loaded
   only on a miss.
   """
 
@@ -127,7 +148,8 @@ class EmbeddingCache:
     if os.path.exists(self.path):
       try:
         with np.load(self.path, allow_pickle=False) as data:
-          self._entries = dict(zip(data["texts"].tolist(), data["embeddings"]))
+          self._entries = dict(zip(data["texts"].tolist(),
+                                   data["embeddings"].astype(np.float16)))
       except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         # Only a cache: recomputing is always correct, so warn instead of failing.
         logging.warning("text embedding cache %s is unreadable (%s); recomputing it.",
@@ -136,17 +158,21 @@ class EmbeddingCache:
     self.num_encoded = 0  # texts encoded (cache misses) by this object
 
   def lookup(self, texts: Sequence[str]) -> np.ndarray:
-    """Embeddings [len(texts), max_length, hidden]; encodes and saves misses."""
+    """Embeddings [len(texts), max_length, hidden] float32 (float16 values); encodes and
+    saves misses."""
     missing = list(dict.fromkeys(t for t in texts if t not in self._entries))
     if missing:
       if self._encoder is None:
         self._encoder = TextEncoder(self.encoder_kind, self.folder)
-      for start in range(0, len(missing), _ENCODE_BATCH):
+      starts = range(0, len(missing), _ENCODE_BATCH)
+      description = (f"encoding {len(missing)} texts ({self.encoder_kind}, "
+                     f"{self._encoder.device}, {str(self._encoder.dtype).split('.')[-1]})")
+      for start in tqdm.tqdm(starts, desc=description, unit="batch", disable=len(starts) < 2):
         chunk = missing[start:start + _ENCODE_BATCH]
-        self._entries.update(zip(chunk, self._encoder(chunk)))
+        self._entries.update(zip(chunk, self._encoder(chunk).astype(np.float16)))
       self.num_encoded += len(missing)
       self._save()
-    return np.stack([self._entries[t] for t in texts])
+    return np.stack([self._entries[t] for t in texts]).astype(np.float32)
 
   def _save(self) -> None:
     os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)

@@ -8,7 +8,10 @@
 arguments. The model is built from the folder's config.json (`UNetConfig`); values this port
 does not implement raise NotImplementedError naming the field. Internally the computation is
 channels-last (NHWC); `dtype` is the compute dtype (bfloat16 on accelerators, float32 on CPU)
-and `param_dtype` the storage dtype of the params.
+and `param_dtype` the storage dtype of the params. Whatever the dtype, GroupNorm and LayerNorm
+statistics and normalization and the attention logits and softmax are computed in float32
+(rounded to `dtype` after), as diffusers' bfloat16 models do; `attention` picks the attention
+implementation (attention.IMPLEMENTATIONS).
 """
 
 import dataclasses
@@ -231,7 +234,7 @@ def _resnet_settings(config: UNetConfig, if_style: bool,
 
 def _attention_settings(config: UNetConfig, kind: str | None, block: int, channels: int,
                         num_layers: int, transformer_block: int | None = None,
-                        only_cross_attention: bool = False
+                        only_cross_attention: bool = False, implementation: str = 'xla'
                         ) -> attention_lib.CrossAttentionSettings | None:
   """Attention of block `block`; `transformer_block` indexes the head count and layer count of
   the SD transformers (reversed on the up path), `block` the IF head width (never reversed,
@@ -243,12 +246,12 @@ def _attention_settings(config: UNetConfig, kind: str | None, block: int, channe
     return attention_lib.CrossAttentionSettings(
         'transformer', num_heads=head_dims[index], transformer_layers=(layers,) * num_layers,
         use_linear_projection=config.use_linear_projection,
-        only_cross_attention=only_cross_attention)
+        only_cross_attention=only_cross_attention, implementation=implementation)
   if kind == 'added_kv':
     head_dim = head_dims[block] if head_dims[block] is not None else channels
     return attention_lib.CrossAttentionSettings(
         'added_kv', head_dim=head_dim, only_cross_attention=only_cross_attention,
-        cross_attention_norm=config.cross_attention_norm)
+        cross_attention_norm=config.cross_attention_norm, implementation=implementation)
   return None
 
 
@@ -259,10 +262,12 @@ class UNet2DConditionModel(nn.Module):
     config: the parsed config.json.
     dtype: compute dtype.
     param_dtype: parameter dtype.
+    attention: attention implementation, one of attention.IMPLEMENTATIONS.
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -282,6 +287,7 @@ class UNet2DConditionModel(nn.Module):
       [batch, out_channels, height, width] float32.
     """
     config = self.config
+    attention_lib.check_implementation(self.attention)
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     act = unet_blocks.activation(config.act_fn)
     batch = sample.shape[0]
@@ -325,7 +331,7 @@ class UNet2DConditionModel(nn.Module):
       x, block_skips = unet_blocks.DownBlock(
           channels, layers_per_block[i], _resnet_settings(config, resample == 'resnet'),
           _attention_settings(config, attention, i, channels, layers_per_block[i],
-                              only_cross_attention=only_cross[i]),
+                              only_cross_attention=only_cross[i], implementation=self.attention),
           downsample=resample if i < num_blocks - 1 else None,
           downsample_padding=config.downsample_padding, name=f'down_blocks.{i}', **kwargs)(
               x, emb, context, context_bias)
@@ -340,7 +346,8 @@ class UNet2DConditionModel(nn.Module):
       x = unet_blocks.MidBlock(
           _resnet_settings(config, attention == 'added_kv', config.mid_block_scale_factor),
           _attention_settings(config, attention, num_blocks - 1, x.shape[-1], 1,
-                              only_cross_attention=attention == 'added_kv' and mid_only_cross),
+                              only_cross_attention=attention == 'added_kv' and mid_only_cross,
+                              implementation=self.attention),
           num_attention_layers=0 if attention is None else 1, name='mid_block', **kwargs)(
               x, emb, context, context_bias)
 
@@ -359,7 +366,8 @@ class UNet2DConditionModel(nn.Module):
           channels, num_layers, _resnet_settings(config, resample == 'resnet'),
           _attention_settings(config, attention, i, channels, num_layers,
                               transformer_block=reversed_index,
-                              only_cross_attention=only_cross[reversed_index]),
+                              only_cross_attention=only_cross[reversed_index],
+                              implementation=self.attention),
           upsample=None if is_final else resample, name=f'up_blocks.{i}', **kwargs)(
               x, block_skips, emb, context, context_bias, upsample_size)
 
@@ -442,12 +450,13 @@ class LoadedUNet:
                        as_float(encoder_attention_mask))
 
 
-def load_unet(folder: str, dtype: Dtype = jnp.float32) -> LoadedUNet:
+def load_unet(folder: str, dtype: Dtype = jnp.float32, attention: str = 'xla') -> LoadedUNet:
   """Loads a diffusers UNet2DConditionModel folder into the Flax port.
 
   Args:
     folder: a diffusers pipeline folder (with unet/) or its unet/ folder.
     dtype: compute and parameter dtype (jnp.bfloat16 on accelerators).
+    attention: attention implementation, one of attention.IMPLEMENTATIONS.
 
   Raises:
     FileNotFoundError: the folder lacks config.json or the safetensors weights.
@@ -457,7 +466,8 @@ def load_unet(folder: str, dtype: Dtype = jnp.float32) -> LoadedUNet:
   folder = convert.model_folder(folder, 'unet')
   with open(os.path.join(folder, convert.CONFIG_NAME)) as f:
     config = UNetConfig.from_dict(json.load(f))
-  module = UNet2DConditionModel(config, dtype=dtype, param_dtype=dtype)
+  attention_lib.check_implementation(attention)
+  module = UNet2DConditionModel(config, dtype=dtype, param_dtype=dtype, attention=attention)
   params = convert.torch_to_flax(convert.read_safetensors(folder), param_shapes(module))
   params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params)
   return LoadedUNet(module, params)

@@ -9,7 +9,6 @@ arrays are accepted and copied to the host.
 import pathlib
 
 import imageio.v3 as iio
-import imageio_ffmpeg
 import numpy as np
 
 # Slack for float frames that overshoot [0, 1] by rounding in the renderer.
@@ -93,6 +92,9 @@ def write_mp4(frames, path, fps: float = 20.0) -> pathlib.Path:
   Odd heights/widths are padded by one pixel (see `pad_to_even`), so the video
   is [H + H % 2, W + W % 2].
   """
+  # Imported here: the package carries a ~30 MB ffmpeg binary that only videos need, so
+  # training and benchmarks run where it is not installed.
+  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
   frames = pad_to_even(to_uint8(frames))
   _check_fps(fps)
   path = _prepare_path(path)

@@ -12,6 +12,7 @@ the token embeddings (zero at padding). The unconditional ("empty caption")
 conditioning is all zeros, which is also what caption dropout trains on.
 """
 
+import functools
 import json
 import os
 from typing import Sequence
@@ -92,9 +93,14 @@ class ShapesDiffusionModel:
     with open(text_file) as f:
       text_config = json.load(f)
     self.model_dir = model_dir
+    self.text_config = text_config
     self.unet = unet_lib.load_unet(model_dir)
     self.alphas_cumprod = jnp.asarray(schedule.load_alphas_cumprod(model_dir), jnp.float32)
-    self.encoder = minilm.MiniLMEncoder.from_package(max_length=text_config["max_length"])
+
+  @functools.cached_property
+  def encoder(self) -> minilm.MiniLMEncoder:
+    # Loaded on first use: a run whose text tables are precomputed never needs MiniLM.
+    return minilm.MiniLMEncoder.from_package(max_length=self.text_config["max_length"])
 
   def eps_fn(self) -> schedule.EpsFn:
     return make_eps_fn(self.unet.module, self.unet.params)
