@@ -20,9 +20,10 @@ import time
 
 import jax
 
-from att3d_jax import train
+from att3d_jax import build
+from att3d_jax import prompt_data
+from att3d_jax import sharding
 from benchmarks import accelerator
-from benchmarks import bench_train_step
 from configs import df27 as df27_config
 
 # stabilityai/stable-diffusion-2-1-base unet/config.json (the fields that differ from
@@ -51,12 +52,13 @@ def train_steps(kind: str, folder: str, steps: int = 3) -> dict:
   config.guidance.path = config.guidance.text_encoder_path = folder
   config.guidance.cache_dir = tempfile.mkdtemp()
   config.train.progress_bar = False
-  guidance = train.load_guidance(config)
-  _, tables, _, state, mesh, step_fn, _ = bench_train_step.build_step(config, guidance)
+  built = build.build(config)
+  tables, state, mesh, step_fn = built.train_tables, built.state, built.mesh, built.train_step
   key = jax.random.key(0)
   times = []
   for step in range(steps):
-    batch = jax.device_put(train.sample_batch(config, tables, step), train.data_sharding(mesh))
+    batch = jax.device_put(prompt_data.sample_batch(config, tables, step),
+                           sharding.data_sharding(mesh))
     start = time.perf_counter()
     state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
     jax.block_until_ready(metrics)

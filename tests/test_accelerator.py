@@ -37,9 +37,9 @@ def text_tables(tmp_path_factory):
 
 
 def test_text_tables_reproduce_minilm_conditioning(text_tables):
-  from att3d_jax import train  # pylint: disable=g-import-not-at-top
+  from att3d_jax import build  # pylint: disable=g-import-not-at-top
   config = shapes_config.get_config("quick")
-  guidance = train.load_guidance(config)
+  guidance = build.load_guidance(config)
   tabled = accelerator.table_guidance(config, text_tables)
   captions = accelerator._captions(config)[:5]  # pylint: disable=protected-access
   expected = guidance.encode(captions)

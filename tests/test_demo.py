@@ -25,11 +25,10 @@ import numpy as np
 import pytest
 import trimesh
 
+from att3d_jax import build as build_lib
 from att3d_jax import demo
 from att3d_jax import generate
 from att3d_jax import names
-from att3d_jax import train
-from att3d_jax.amortize import model as model_lib
 from configs import shapes as shapes_config
 
 CHROMIUM = "/usr/bin/chromium"
@@ -130,12 +129,7 @@ def test_guidance_weight_slider_for_a_model_amortized_over_it(tiny_shapes_model,
   config.guidance.path = tiny_shapes_model
   config.guidance.amortize_scale = True
   # An untrained model saved as an exported one: the demo only needs its shapes.
-  guidance = train.load_guidance(config)
-  prompts = train.load_prompts(config).train
-  embedding = guidance.embed(prompts[:1])
-  model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(prompts),
-                                           embedding_dim=embedding.shape[1])
-  state, _ = train.init_state(config, model, embedding)
+  state = build_lib.build(config, for_training=False).state
   exported = tmp_path / "model"
   exported.mkdir()
   (exported / "config.json").write_text(config.to_json_best_effort())
