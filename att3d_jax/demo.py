@@ -25,8 +25,8 @@ import pathlib
 import shutil
 import tempfile
 import time
-import unicodedata
 from typing import Optional
+import unicodedata
 
 from absl import app
 from absl import flags

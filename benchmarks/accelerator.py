@@ -99,9 +99,10 @@ def unet_vs_pytorch_rows(tiny: bool, text_tables: str | None):
 
 def if_xl_sds_rows(tiny: bool, text_tables: str | None):
   del text_tables
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
   from att3d_jax.guidance import schedule  # pylint: disable=g-import-not-at-top
   from att3d_jax.guidance import sds  # pylint: disable=g-import-not-at-top
   from att3d_jax.guidance import unet as unet_lib  # pylint: disable=g-import-not-at-top
@@ -217,6 +218,7 @@ def table_guidance(config, path: str):
   """config's shapes guidance with `encode`/`embed` read from a `save_text_tables` file
   (what they would compute, as float16) instead of MiniLM."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from att3d_jax.guidance import base as guidance_base  # pylint: disable=g-import-not-at-top
   from att3d_jax.guidance import sds  # pylint: disable=g-import-not-at-top
   from att3d_jax.shapes import diffusion  # pylint: disable=g-import-not-at-top

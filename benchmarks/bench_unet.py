@@ -347,7 +347,8 @@ def run_accelerator(tiny: bool = False, log=print) -> Iterator[dict]:
         apply(params, sample, inputs) * inputs['cotangent'])
     functions = {'forward': jax.jit(apply), 'forward_backward': jax.jit(jax.grad(loss, (0, 1)))}
     for name, fn in functions.items():
-      call = lambda fn=fn: jax.block_until_ready(fn(unet.params, jax_inputs['sample'], jax_inputs))
+      call = lambda fn=fn, unet=unet: jax.block_until_ready(
+          fn(unet.params, jax_inputs['sample'], jax_inputs))
       start = time.perf_counter()
       call()
       compile_s = time.perf_counter() - start

@@ -58,7 +58,7 @@ def test_a_failing_group_reports_its_error(tmp_path):
        f"--text_tables={tmp_path / 'missing.npz'}"], capture_output=True, text=True, cwd=REPO,
       env=_env())
   assert result.returncode == 1
-  (line,) = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
+  (line,) = [json.loads(text) for text in result.stdout.splitlines() if text.startswith("{")]
   assert line["error"].startswith("FileNotFoundError")
   row = accelerator._error_row("shapes_train_step", line["error"])  # pylint: disable=protected-access
   assert row[0] == "shapes_train_step: FAILED" and "missing.npz" in row[1]

@@ -17,6 +17,7 @@ import torch
 
 from att3d_jax.guidance import load_unet
 from benchmarks import bench_real_size
+
 import test_text
 import test_unet_parity
 import test_vae_parity

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-import conftest
-import test_tensorboard
-
 from att3d_jax import assets
 from att3d_jax.shapes import diffusion
 from configs import sds_single as sds_single_config
 from configs import shapes_diffusion as shapes_diffusion_config
 from experiments import sds_single
 from experiments import train_shapes_diffusion
+
+import conftest
+import test_tensorboard
 
 SHIPPED = assets.shipped("shapes")
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent

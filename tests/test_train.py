@@ -13,8 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_tensorboard
-
 from att3d_jax import build as build_lib
 from att3d_jax import checkpoints
 from att3d_jax import evaluation
@@ -26,6 +24,8 @@ from att3d_jax.guidance import schedule
 from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
 from configs import shapes as shapes_config
+
+import test_tensorboard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_RGB = (0.9, 0.1, 0.1)  # what the oracle guidance pulls every render toward

@@ -32,7 +32,7 @@ the embeddings anyway) and lookups return float32.
 import hashlib
 import logging
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 import zipfile
 
 import numpy as np
@@ -97,7 +97,6 @@ class TextEncoder:
                dtype: Any = None):
     _check_kind_and_folder(encoder_kind, folder)
     # Deferred imports (seconds): a run served from the cache never needs them.
-    import torch
     import transformers
     self.kind = encoder_kind
     default_device, default_dtype = default_placement(encoder_kind)
