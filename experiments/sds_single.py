@@ -29,7 +29,9 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
+import tqdm
 
+from att3d_jax import names
 from att3d_jax.eval import metrics
 from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
@@ -165,7 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   blob = evaluate(params)
   curve = [{"step": 0, "mean_iou": float(np.mean([r["iou"] for r in blob]))}]
   start = time.time()
-  for step in range(config.num_steps):
+  for step in tqdm.tqdm(range(config.num_steps), desc="sds_single"):
     params, opt_state, stats = train_step(params, opt_state, step)
     if (step + 1) % config.eval_every == 0 or step + 1 == config.num_steps:
       rows = evaluate(params)
@@ -174,14 +176,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "iou": [round(r["iou"], 4) for r in rows],  # per prompt
                     "area_ratio": [round(r["area_ratio"], 3) for r in rows],
                     **{k: float(v) for k, v in stats.items()}})
-      print(json.dumps(curve[-1]), flush=True)
+      tqdm.tqdm.write(json.dumps(curve[-1]))
   seconds = time.time() - start
 
   final = evaluate(params)
   frames = jax.jit(render_all)(params, cameras_lib.turntable_cameras(
       config.turntable_frames, 20.0, config.eval_distance, config.eval_fov_y_deg))["rgb"]
   for i, prompt in enumerate(prompts):
-    turntable.write_gif(np.asarray(frames[i]), workdir / f"{prompt.replace(' ', '_')}.gif",
+    turntable.write_gif(np.asarray(frames[i]), workdir / f"{names.for_prompt(prompt)}.gif",
                         fps=12)
   table = [{**row, "blob_iou": b["iou"]} for row, b in zip(final, blob)]
   ious = [row["iou"] for row in table]
