@@ -111,6 +111,8 @@ def test_trainer_splits_the_batch_over_two_cpu_devices_with_the_same_result(tmp_
   assert "mesh {'data': 2} over 2 cpu device(s)" in two_log
   assert len(one) == 2 and np.all(np.isfinite(one))
   np.testing.assert_allclose(two, one, rtol=1e-5)
+  events = test_tensorboard.read_events(tmp_path / "one" / "tensorboard")
+  assert len(events["train/loss"]) == 2 and "samples" in events  # the final sample grid
 
 
 @pytest.mark.slow
