@@ -17,6 +17,7 @@ import pathlib
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -54,6 +55,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   xla_cpu.split_host(_CONFIG.value.train.cpu_devices)  # before the first computation
   results = run(_CONFIG.value, _WORKDIR.value)
   print(f"{'prompt':24s} {'IoU':>6s} color")
