@@ -51,11 +51,13 @@ def _rss_gib() -> float:
     return next(int(line.split()[1]) for line in f if line.startswith('VmRSS:')) / 2**20
 
 
-def train_steps(kind: str, folder: str, steps: int = 3) -> dict:
+def train_steps(kind: str, folder: str, steps: int = 3, rows: int | None = None) -> dict:
   """Wall seconds of `steps` train steps of df27:quick with the guidance in `folder` (the
   first call compiles), host memory after each stage and XLA's memory analysis of the
-  compiled step (GiB)."""
+  compiled step (GiB). `rows`: prompts per step instead of the config's 2."""
   config = df27_config.get_config('quick')
+  if rows is not None:
+    config.batch.prompts_per_step = rows
   config.guidance.kind = kind
   config.guidance.path = config.guidance.text_encoder_path = folder
   config.guidance.cache_dir = tempfile.mkdtemp()
@@ -92,8 +94,9 @@ def main():
   parser.add_argument('--kind', choices=('if', 'sd'), required=True)
   parser.add_argument('--folder', required=True, help='diffusers pipeline folder')
   parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--rows', type=int, default=None, help='prompts per step (default 2)')
   args = parser.parse_args()
-  print(json.dumps(train_steps(args.kind, args.folder, args.steps)), flush=True)
+  print(json.dumps(train_steps(args.kind, args.folder, args.steps, args.rows)), flush=True)
 
 
 if __name__ == '__main__':

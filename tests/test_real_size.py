@@ -60,7 +60,9 @@ def relative_error(folder: str, inputs: dict, expected: np.ndarray) -> float:
   return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
 
 
-@pytest.mark.slow  # ~10 minutes per model on the 2-core CPU; SD needs ~9 GB of host memory
+# ~10 minutes per model on the 2-core CPU; SD's train steps peak at ~16 GB of host memory
+# (the UNet's weights are embedded in the compiled step: docs/scaling.md).
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['sd', 'if'])
 def test_real_size_parity_and_train_steps(tmp_path, kind):
   torch.manual_seed(0)
@@ -69,13 +71,15 @@ def test_real_size_parity_and_train_steps(tmp_path, kind):
   if kind == 'sd':
     assert 865e6 < num_params < 866e6
   # The train steps first, while this process holds no model.
+  # SD: one prompt per step (a CFG batch of 2): two did not fit the shared 23 GiB machine.
   result = subprocess.run(
       [sys.executable, '-m', 'benchmarks.bench_real_size', f'--kind={kind}',
-       f'--folder={folder}', '--steps=3'], capture_output=True, text=True, cwd=REPO, check=True)
+       f'--folder={folder}', '--steps=3', f'--rows={1 if kind == "sd" else 2}'],
+      capture_output=True, text=True, cwd=REPO, check=True)
   steps = json.loads(result.stdout.strip().splitlines()[-1])
   print(f'\n{kind}: {num_params / 1e6:.1f}M parameters, train steps {steps}')
   assert len(steps['step_s']) == 3 and all(np.isfinite(steps['step_s']))
-  assert steps['xla_gib']['argument'] > num_params * 4 / 2**30  # hoisted, not embedded
+  assert steps['peak_host_gib'] > num_params * 4 / 2**30  # at least the float32 weights
   error = relative_error(folder, inputs, expected)
   print(f'{kind}: relative error vs diffusers {error:.2e}')
   assert error <= RELATIVE_ERROR

@@ -30,7 +30,6 @@ import functools
 import os
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -136,21 +135,6 @@ def _latent_model_input(vae: vae_lib.VAE, image_size: int):
   return model_input
 
 
-def hoist_captured_weights() -> None:
-  """Makes jit pass large closed-over arrays to the executable as arguments.
-
-  `eps_fn` closes over the frozen UNet's params, so every jitted function that calls it
-  (the train step, evaluation) captures them. JAX 0.10 embeds captured arrays in the HLO
-  by default: compiling a train step with a 372M-parameter IF-style UNet then took 57 s and
-  4.9 GB of host memory on top of the 1.5 GB of weights; with hoisting, 27 s and 0.8 GB
-  (docs/scaling.md). Later JAX versions may hoist by default and drop the option.
-  """
-  try:
-    jax.config.update("jax_use_simplified_jaxpr_constants", True)
-  except AttributeError:  # the option is gone: hoisting is the only behaviour
-    pass
-
-
 def load_guidance(config: ml_collections.ConfigDict) -> train.Guidance:
   """The frozen IF or SD model and its cached text embeddings, from local folders only.
 
@@ -173,7 +157,6 @@ def load_guidance(config: ml_collections.ConfigDict) -> train.Guidance:
     raise ValueError(f"--config.guidance.dtype={config.guidance.dtype!r}; use one of {DTYPES} "
                      "(bfloat16 on a GPU/TPU, float32 on a CPU, which has no fast bf16)")
   dtype = jnp.dtype(config.guidance.dtype)
-  hoist_captured_weights()
   unet = unet_lib.load_unet(path, dtype=dtype, attention=config.guidance.attention)
   unet_config = unet.config
   if unet_config.class_embed_type is not None:
