@@ -113,7 +113,9 @@ def torch_to_flax(state_dict: Mapping[str, Any], expected_params: Any) -> Any:
       continue
     array = np.asarray(state_dict[key])
     if np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16:
-      array = array.astype(np.float32)
+      # No copy of float32 weights: they stay views of the file's memory map until the
+      # caller makes its own arrays (a real-size UNet is gigabytes).
+      array = array.astype(np.float32, copy=False)
     array = _to_flax_layout(path[-1], array)
     if array.shape != tuple(expected[path].shape):
       mismatched.append(f'{key}  expected {_torch_shape(path[-1], expected[path].shape)}, got '
