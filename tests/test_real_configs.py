@@ -206,11 +206,11 @@ def test_missing_folders_name_the_flag(tmp_path, if_folder):
   config.guidance.kind = "if"
   config.guidance.dtype = "float16"
   with pytest.raises(ValueError, match=r"--config.guidance.dtype='float16'; use one of"):
-    train.load_guidance(config)
+    build_lib.load_guidance(config)
   config.guidance.dtype = "float32"
   config.guidance.attention = "flash"
   with pytest.raises(ValueError, match=r"--config.guidance.attention='flash' is not"):
-    train.load_guidance(config)
+    build_lib.load_guidance(config)
   with pytest.raises(ValueError, match=r"--config.eval.clip_path is not set"):
     clip_eval.score_prompts(["a cat"], np.zeros((1, 1, 8, 8, 3)), "")
   with pytest.raises(FileNotFoundError, match=r"--config.eval.clip_path=.*no config.json"):
