@@ -11,10 +11,10 @@ from benchmarks import run_all
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
 def test_run_all_quick_table():
-  """The suite's --quick mode, in CI: ~105 s on the idle 2-core CPU (2026-11-27), about
-  20 s each for the UNets, the Eigen-convolution UNets (a subprocess), the hash grids
-  and the train step."""
+  """The suite's --quick mode: every row group (the UNets, the Eigen-convolution UNets in
+  a subprocess, the hash grids, the train step) and the markdown table."""
   table = run_all.run(quick=True)
   names = [row[0] for row in table]
   assert any(name.startswith("UNet forward ") for name in names)

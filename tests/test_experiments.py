@@ -86,6 +86,7 @@ def test_frames_to_reach_interpolates_the_first_crossing():
   assert common.frames_to_reach(curve, 0.99) is None
 
 
+@pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
 def test_quality_vs_compute(tiny_config, tmp_path):
   rows = quality_vs_compute.run(tiny_config, str(tmp_path), ("hypernet", "per_prompt"),
                                 curve_every=2, per_prompt_factor=2)
@@ -130,6 +131,7 @@ def test_quality_vs_compute_table_reads_budgets_and_ratios():
                                       "- per_prompt seen: 100 (100% of the baseline's)"]
 
 
+@pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
 def test_generalization(tiny_config, tmp_path, monkeypatch):
   # shapes_2400 at 1/125 of its size (the splits stay nested prefixes: 2 and 16
   # prompts), 4 held-out prompts: the experiment's logic at CI cost.
@@ -163,6 +165,7 @@ def test_path_smoothness_of_a_cross_fade():
   assert interpolation.path_smoothness(jump)["max_step_rms"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
 def test_interpolation(tiny_config, tmp_path):
   pairs = interpolation.PAIRS[:2]
   rows = interpolation.run(tiny_config, str(tmp_path), "embedding", pairs, num_weights=3)
@@ -179,6 +182,7 @@ def test_interpolation(tiny_config, tmp_path):
     interpolation.run(tiny_config, str(tmp_path), "mixed")
 
 
+@pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
 def test_guidance_weight(tiny_config, tmp_path):
   rows = guidance_weight.run(tiny_config, str(tmp_path), weights=(2.0, 10.0))
   assert [(r["weight"], r["split"]) for r in rows] == [

@@ -102,6 +102,7 @@ def _train_quick_cli(workdir, cpu_devices: int) -> tuple[str, list[float]]:
   return out.stdout + out.stderr, [json.loads(line)["loss"] for line in lines]
 
 
+@pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
 def test_trainer_splits_the_batch_over_two_cpu_devices_with_the_same_result(tmp_path):
   """config.cpu_devices=2 renders and denoises half the batch on each XLA CPU
   device; the losses match one device (the batch is drawn from the step key)."""
