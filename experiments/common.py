@@ -21,7 +21,7 @@ from configs import shapes
 METRICS = ("iou", "psnr", "color_acc", "r_precision")
 METRIC_TITLES = {"iou": "silhouette IoU (GT)", "psnr": "PSNR vs GT (dB)",
                  "color_acc": "color accuracy (GT)", "r_precision": "GT R-precision"}
-# --quick (CI size) of generalization, interpolation and guidance_weight: a few
+# --quick (test size) of generalization, interpolation and guidance_weight: a few
 # steps and two evaluation views on top of configs/shapes.py:quick.
 TINY = {"train.num_steps": 4, "eval.elevations_deg": (20.0,), "eval.views_per_elevation": 2}
 
@@ -48,7 +48,7 @@ def variant(config: ml_collections.ConfigDict,
 
 def quick_config(guidance_path: str,
                  overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """configs/shapes.py:quick (CI size) with the guidance model at guidance_path,
+  """configs/shapes.py:quick (test size) with the guidance model at guidance_path,
   no progress bar, plus dotted overrides."""
   return variant(shapes.get_config("quick"), {"guidance.path": guidance_path,
                                               "train.progress_bar": False,

@@ -9,7 +9,7 @@ total number of rendered frames, step * B * V: equal for every split at equal
 steps, whereas frames per *training* prompt shrink as the set grows.
 
   python -m experiments.generalization --workdir=runs/generalization
-  python -m experiments.generalization --quick --workdir=/tmp/generalization  # CI size
+  python -m experiments.generalization --quick --workdir=/tmp/generalization  # test size (tests/test_experiments.py)
 
 Writes <workdir>/generalization.{csv,png}, config.json and one training
 workdir per split (train_12.5pct, ...). The plot: held-out (solid) and seen
@@ -28,12 +28,9 @@ about 33 min, so about 1 h 40 min for the three splits, never much above
 the shared 2-core CPU (load ~5, about 0.6 core for this job): an evaluation
 of 464 prompts x 2 views x 24 samples took 75 s (47 s of it GT renders), the
 text tables of 650 prompts 46 s; an idle machine is estimated 2-3x faster.
-Measured (2026-11-26, docs/results/): --num_steps=600 --curve_every=300
---budget_min=0 took 67 min for the three splits (28, 19 and 11 min of training
-as the other experiments sharing the CPU finished).
 --quick: 3 steps per split, curve_every=2, 2 views, 32 of the held-out prompts
-(eval.max_heldout_prompts); 3 evaluations of 96 prompts per split: measured
-2.6 min on the idle 2-core CPU (2026-11-26).
+(eval.max_heldout_prompts); 3 evaluations of 96 prompts per split. Measured run
+times: docs/results/README.md ("Run costs").
 """
 
 import pathlib
@@ -167,5 +164,5 @@ if __name__ == "__main__":
   _BUDGET_MIN = flags.DEFINE_float("budget_min", 30.0, "training minutes per split "
                                    "(evaluations included); 0 = no limit")
   _EVAL_VIEWS = flags.DEFINE_integer("eval_views", 4, "evaluation views per prompt")
-  _QUICK = flags.DEFINE_bool("quick", False, "CI size: the quick config, 3 steps, 2 views")
+  _QUICK = flags.DEFINE_bool("quick", False, "test size: the quick config, 3 steps, 2 views")
   app.run(main)

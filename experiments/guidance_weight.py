@@ -10,7 +10,7 @@ prompts are scored against ground truth over the evaluation views (the
 training run's own evaluation, evaluation.evaluate) and a few are rendered.
 
   python -m experiments.guidance_weight --workdir=runs/guidance_weight
-  python -m experiments.guidance_weight --quick --workdir=/tmp/guidance_weight  # CI size
+  python -m experiments.guidance_weight --quick --workdir=/tmp/guidance_weight  # test size (tests/test_experiments.py)
 
 Writes <workdir>/guidance_weight.csv (one row per weight and split),
 guidance_weight.png (GT metrics against the weight), guidance_weight_strip.png
@@ -20,10 +20,7 @@ the training workdir model/.
 Cost of the full mode: one run of configs/shapes.py (its train.num_steps, capped at its
 train.time_budget_s of 25 min) with its final evaluation, then one GT
 evaluation of 64 prompts x 16 views per weight (~1-2 min each): about 35 min
-for 3 weights. Measured (2026-11-26, docs/results/): with
---config.train.num_steps=800 --config.train.time_budget_s=0, 26 min in all on
-the 2-core CPU shared with two other experiments. --quick (4 steps, 2 views)
-measured 2 min on the shared 2-core CPU at load ~5.
+for 3 weights. Measured run times: docs/results/README.md ("Run costs").
 """
 
 import pathlib
@@ -152,5 +149,5 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", "runs/guidance_weight", "outputs")
   _WEIGHTS = flags.DEFINE_list("weights", [f"{w:g}" for w in WEIGHTS],
                                "CFG weights fed to the mapping network")
-  _QUICK = flags.DEFINE_bool("quick", False, "CI size: the quick config, 4 steps, 2 views")
+  _QUICK = flags.DEFINE_bool("quick", False, "test size: the quick config, 4 steps, 2 views")
   app.run(main)

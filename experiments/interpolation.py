@@ -18,7 +18,7 @@ view, and is scored on
 
   python -m experiments.interpolation --workdir=runs/interpolation
   python -m experiments.interpolation --interpolation=loss --workdir=runs/interpolation_loss
-  python -m experiments.interpolation --quick --workdir=/tmp/interpolation  # CI size
+  python -m experiments.interpolation --quick --workdir=/tmp/interpolation  # test size (tests/test_experiments.py)
 
 Writes <workdir>/interpolation.csv (one row per model and pair),
 interpolation.png (the metrics per pair and model), interpolation_strips.png
@@ -29,10 +29,7 @@ Cost of the full mode: two runs of configs/shapes.py (its train.num_steps, cappe
 its train.time_budget_s of 25 min each; `loss` renders once but runs the UNet
 on both prompts, so it is slower per step and stops at the cap) plus a final GT
 evaluation of 64 prompts x 16 views and start-up each, then seconds for the
-paths: about 1 h in all. Measured (2026-11-26, docs/results/): with
---config.train.num_steps=700 --config.train.time_budget_s=0, 24 min per model
-on the 2-core CPU shared with two other experiments (~1.9 s per step). --quick (4 steps
-per model, 2 views) measured 3 min on the shared 2-core CPU at load ~5.
+paths: about 1 h in all. Measured run times: docs/results/README.md ("Run costs").
 """
 
 import pathlib
@@ -184,5 +181,5 @@ if __name__ == "__main__":
   _INTERPOLATION = flags.DEFINE_enum("interpolation", "embedding", ["embedding", "loss"],
                                      "the interpolation-trained model's kind")
   _NUM_WEIGHTS = flags.DEFINE_integer("num_weights", 9, "weights a per path")
-  _QUICK = flags.DEFINE_bool("quick", False, "CI size: the quick config, 4 steps, 2 views")
+  _QUICK = flags.DEFINE_bool("quick", False, "test size: the quick config, 4 steps, 2 views")
   app.run(main)

@@ -11,7 +11,7 @@ grid cannot be made for an unseen prompt without optimizing it).
 
   python -m experiments.quality_vs_compute --config=configs/shapes.py \
       --workdir=runs/quality_vs_compute
-  python -m experiments.quality_vs_compute --quick --workdir=/tmp/qvc   # CI size
+  python -m experiments.quality_vs_compute --quick --workdir=/tmp/qvc   # test size (tests/test_experiments.py)
 
 Writes <workdir>/quality_vs_compute.{csv,png,md}, config.json and one training
 workdir per mapping kind.
@@ -132,5 +132,5 @@ if __name__ == "__main__":
   _CURVE_EVERY = flags.DEFINE_integer("curve_every", 250, "steps between evaluations")
   _PER_PROMPT_FACTOR = flags.DEFINE_integer(
       "per_prompt_factor", 4, "the per-prompt baseline trains this many times the steps")
-  _QUICK = flags.DEFINE_bool("quick", False, "CI size: the quick config, a few steps")
+  _QUICK = flags.DEFINE_bool("quick", False, "test size: the quick config, a few steps")
   app.run(main)
