@@ -9,7 +9,7 @@ total number of rendered frames, step * B * V: equal for every split at equal
 steps, whereas frames per *training* prompt shrink as the set grows.
 
   python -m experiments.generalization --workdir=runs/generalization
-  python -m experiments.generalization --quick --workdir=/tmp/generalization  # test size (tests/test_experiments.py)
+  python -m experiments.generalization --quick --workdir=/tmp/generalization  # test size
 
 Writes <workdir>/generalization.{csv,png}, config.json and one training
 workdir per split (train_12.5pct, ...). The plot: held-out (solid) and seen

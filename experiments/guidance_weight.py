@@ -10,7 +10,7 @@ prompts are scored against ground truth over the evaluation views (the
 training run's own evaluation, evaluation.evaluate) and a few are rendered.
 
   python -m experiments.guidance_weight --workdir=runs/guidance_weight
-  python -m experiments.guidance_weight --quick --workdir=/tmp/guidance_weight  # test size (tests/test_experiments.py)
+  python -m experiments.guidance_weight --quick --workdir=/tmp/guidance_weight  # test size
 
 Writes <workdir>/guidance_weight.csv (one row per weight and split),
 guidance_weight.png (GT metrics against the weight), guidance_weight_strip.png

@@ -18,7 +18,7 @@ view, and is scored on
 
   python -m experiments.interpolation --workdir=runs/interpolation
   python -m experiments.interpolation --interpolation=loss --workdir=runs/interpolation_loss
-  python -m experiments.interpolation --quick --workdir=/tmp/interpolation  # test size (tests/test_experiments.py)
+  python -m experiments.interpolation --quick --workdir=/tmp/interpolation  # test size
 
 Writes <workdir>/interpolation.csv (one row per model and pair),
 interpolation.png (the metrics per pair and model), interpolation_strips.png

@@ -11,7 +11,7 @@ grid cannot be made for an unseen prompt without optimizing it).
 
   python -m experiments.quality_vs_compute --config=configs/shapes.py \
       --workdir=runs/quality_vs_compute
-  python -m experiments.quality_vs_compute --quick --workdir=/tmp/qvc   # test size (tests/test_experiments.py)
+  python -m experiments.quality_vs_compute --quick --workdir=/tmp/qvc   # test size
 
 Writes <workdir>/quality_vs_compute.{csv,png,md}, config.json and one training
 workdir per mapping kind.
