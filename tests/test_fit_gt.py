@@ -3,10 +3,13 @@ config), then check held-out quality and the exported files."""
 
 import json
 
+import pytest
+
 from configs import fit_gt as fit_gt_config
 from experiments import fit_gt
 
 
+@pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
 def test_fit_gt_quick_reaches_quality_bar(tmp_path):
   config = fit_gt_config.get_config("quick")
   results = fit_gt.fit(config, str(tmp_path))

@@ -246,6 +246,7 @@ def tiny_model_dir(tmp_path_factory):
   return folder
 
 
+@pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
 def test_quick_evaluation_of_a_tiny_model(tiny_model_dir, tmp_path):
   out_dir = tmp_path / "eval"
   if not flags.FLAGS.is_parsed():

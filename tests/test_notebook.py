@@ -4,6 +4,7 @@ import os
 
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "notebooks", "att3d_colab.ipynb")
@@ -16,6 +17,7 @@ def test_notebook_is_committed_without_outputs():
       assert not cell.outputs and cell.execution_count is None
 
 
+@pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
 def test_notebook_executes_on_cpu(tmp_path):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
