@@ -217,12 +217,7 @@ def save_text_tables(path: str) -> None:
 def table_guidance(config, path: str):
   """config's shapes guidance with `encode`/`embed` read from a `save_text_tables` file
   (what they would compute, as float16) instead of MiniLM."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from att3d_jax.guidance import base as guidance_base  # pylint: disable=g-import-not-at-top
-  from att3d_jax.guidance import sds  # pylint: disable=g-import-not-at-top
   from att3d_jax.shapes import diffusion  # pylint: disable=g-import-not-at-top
-  from att3d_jax.shapes import scenes  # pylint: disable=g-import-not-at-top
   with np.load(path) as data:
     table = dict(zip(data['captions'].tolist(), data['conditioning'].astype(np.float32)))
 
@@ -235,10 +230,7 @@ def table_guidance(config, path: str):
 
   model = diffusion.ShapesDiffusionModel(config.guidance.path)
   token_shape = next(iter(table.values())).shape  # [1 + max_length, width]
-  return guidance_base.Guidance(
-      eps_fn=model.eps_fn(), alphas_cumprod=model.alphas_cumprod,
-      uncond=jnp.zeros((1,) + token_shape), model_input=sds.pixel_model_input, encode=encode,
-      embed=lambda prompts: encode(prompts)[:, 0], background_color=scenes.BACKGROUND_RGB)
+  return diffusion.as_guidance(model, encode, token_shape)
 
 
 # ----------------------------------------------------------------------------------------

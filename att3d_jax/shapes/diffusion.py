@@ -15,7 +15,7 @@ conditioning is all zeros, which is also what caption dropout trains on.
 import functools
 import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -109,21 +109,27 @@ class ShapesDiffusionModel:
     return jnp.asarray(encode_captions(self.encoder, captions))
 
 
+def as_guidance(model: ShapesDiffusionModel, encode: Callable[[list[str]], np.ndarray],
+                token_shape: tuple[int, int]) -> guidance_base.Guidance:
+  """`model` as training's guidance: pixel space, the shapes world's background,
+  `encode` captions -> packed conditioning [N, 1 + max_length, width] (token_shape)."""
+  return guidance_base.Guidance(
+      eps_fn=model.eps_fn(), alphas_cumprod=model.alphas_cumprod,
+      uncond=jnp.zeros((1,) + tuple(token_shape)),
+      model_input=sds.pixel_model_input,
+      encode=encode,
+      # The pooled sentence embedding (row 0 of the packed conditioning).
+      embed=lambda prompts: encode(prompts)[:, 0],
+      background_color=scenes.BACKGROUND_RGB)
+
+
 @guidance_base.register("shapes")
 def load_guidance(config) -> guidance_base.Guidance:
-  """The shapes model in config.guidance.path as training's guidance: pixel
-  space, packed MiniLM conditioning, the shapes world's background."""
+  """The shapes model in config.guidance.path, its MiniLM encoding the captions."""
   try:
     model = ShapesDiffusionModel(config.guidance.path)
   except FileNotFoundError as error:
     raise FileNotFoundError(f"--config.guidance.path={config.guidance.path!r}: "
                             f"{error}") from error
-  conditioning = lambda captions: np.asarray(model.conditioning(captions))
-  return guidance_base.Guidance(
-      eps_fn=model.eps_fn(), alphas_cumprod=model.alphas_cumprod,
-      uncond=jnp.zeros((1, 1 + model.encoder.max_length, model.encoder.width)),
-      model_input=sds.pixel_model_input,
-      encode=conditioning,
-      # The pooled sentence embedding (row 0 of the packed conditioning).
-      embed=lambda prompts: conditioning(prompts)[:, 0],
-      background_color=scenes.BACKGROUND_RGB)
+  return as_guidance(model, lambda captions: np.asarray(model.conditioning(captions)),
+                     (1 + model.encoder.max_length, model.encoder.width))
