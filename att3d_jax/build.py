@@ -60,10 +60,12 @@ def build(config: ml_collections.ConfigDict, *,
   guidance = guidance or load_guidance(config)
   train_tables = heldout_tables = None
   if for_training:
-    train_tables = prompt_data.prompt_tables(guidance, prompt_set.train)
+    # Rows are encoded on first use into one cache of config.prompts.text_cache_mb.
+    cache = prompt_data.text_cache(config)
+    train_tables = prompt_data.lazy_prompt_tables(guidance, prompt_set.train, cache)
     if prompt_set.heldout:
-      heldout_tables = prompt_data.prompt_tables(guidance, prompt_set.heldout)
-    embedding = train_tables.embedding
+      heldout_tables = prompt_data.lazy_prompt_tables(guidance, prompt_set.heldout, cache)
+    embedding = train_tables.embedding[prompt_data.normalization_rows(len(prompt_set.train))]
   else:  # the text standardization is restored with the params
     embedding = guidance.embed(prompt_set.train[:1])
   model = model_lib.ATT3DModel.from_config(config, num_train_prompts=len(prompt_set.train),
