@@ -26,6 +26,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # A text file of prompts, one per line, all trained (none held out); when
   # set it replaces prompts.set and prompts.split.
   config.prompts.file = ""
+  # Host memory for the text rows (att3d_jax/prompt_data.py): each prompt's mapping
+  # embedding and 4 view-caption conditionings are encoded on first use and kept in a
+  # least-recently-used cache of this many MB (shapes: 78 KB per prompt, ~6,700
+  # prompts; T5 77 x 4096: 2.5 MB per prompt). Smaller costs re-encoding, not accuracy.
+  config.prompts.text_cache_mb = 512
 
   # The frozen text-to-image model (att3d_jax/guidance/base.py; kind "shapes":
   # att3d_jax/shapes/diffusion.py).
