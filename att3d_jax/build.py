@@ -24,6 +24,9 @@ from att3d_jax.shapes import prompt_sets
 
 # Modules whose import registers guidance kinds (`guidance.base.register`).
 GUIDANCE_MODULES = ("att3d_jax.shapes.diffusion", "att3d_jax.guidance.real")
+# Guidance kinds whose text encodings live in a disk cache (guidance/text.py): their
+# prompts are encoded at start-up in one call (prompt_data.precompute).
+DISK_CACHED_TEXT_KINDS = ("if", "sd")
 
 
 def load_guidance(config: ml_collections.ConfigDict) -> guidance_base.Guidance:
@@ -62,6 +65,10 @@ def build(config: ml_collections.ConfigDict, *,
   if for_training:
     # Rows are encoded on first use into one cache of config.prompts.text_cache_mb.
     cache = prompt_data.text_cache(config)
+    if config.guidance.kind in DISK_CACHED_TEXT_KINDS:
+      for prompts in (prompt_set.train, prompt_set.heldout):
+        if prompts:
+          prompt_data.precompute(guidance, prompts)
     train_tables = prompt_data.lazy_prompt_tables(guidance, prompt_set.train, cache)
     if prompt_set.heldout:
       heldout_tables = prompt_data.lazy_prompt_tables(guidance, prompt_set.heldout, cache)

@@ -221,6 +221,16 @@ def lazy_prompt_tables(guidance: guidance_base.Guidance, prompts: list[str],
       LazyRows("conditioning", prompts, lambda p: encode_conditionings(guidance, p), cache))
 
 
+def precompute(guidance: guidance_base.Guidance, prompts: Sequence[str]) -> None:
+  """Encodes every view caption and prompt of `prompts` in one call each, results
+  dropped: for guidance whose encode/embed read a disk cache (guidance/text.py's
+  EmbeddingCache, which rewrites its whole file after each call with misses), one
+  write at start-up instead of one per lazily encoded batch; the lazy rows then
+  read that cache."""
+  guidance.encode(_view_captions(prompts))
+  guidance.embed(list(prompts))
+
+
 def text_cache(config: ml_collections.ConfigDict) -> TextCache:
   """The run's cache of text rows, config.prompts.text_cache_mb megabytes."""
   return TextCache(int(config.prompts.get("text_cache_mb", DEFAULT_TEXT_CACHE_MB) * 2**20))

@@ -128,6 +128,7 @@ def main():
   parser.add_argument("--fill_steps", type=int, default=50,
                       help="batches encoded after the first step (text memory)")
   parser.add_argument("--skip_launch", action="store_true", help="text memory only")
+  parser.add_argument("--skip_text", action="store_true", help="launch timing only")
   parser.add_argument("--timeout_s", type=float, default=1800)
   args = parser.parse_args()
   sys.path.insert(0, str(REPO))
@@ -144,7 +145,8 @@ def main():
       workdir = out / f"run_{size}_{int(time.time())}"
       row.update(time_launch(prompts_file, workdir, pathlib.Path(args.code_dir),
                              args.timeout_s))
-    row.update(text_memory(prompts, args.fill_steps))
+    if not args.skip_text:
+      row.update(text_memory(prompts, args.fill_steps))
     print(json.dumps(row), flush=True)
     rows.append(row)
   print(json.dumps(rows))
