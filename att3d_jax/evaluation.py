@@ -25,9 +25,8 @@ from att3d_jax.prompt_data import PromptTables
 
 
 def _score_shapes(config, prompts, rgb, opacity, cameras) -> tuple[list[dict], Callable]:
-  height, width = config.camera.height, config.camera.width
-  truth = shapes_eval.ground_truth(prompts, cameras, height, width)
-  return shapes_eval.score_prompts(prompts, rgb, opacity, truth), shapes_eval.summarize
+  del config
+  return shapes_eval.score_prompts(prompts, rgb, opacity, cameras), shapes_eval.summarize
 
 
 def _score_clip(config, prompts, rgb, opacity, cameras) -> tuple[list[dict], Callable]:

@@ -15,12 +15,15 @@ import ml_collections
 import numpy as np
 
 from att3d_jax import train
+from att3d_jax.eval import shapes_eval
 from configs import shapes
 
 # Ground-truth metrics as CSV columns (att3d_jax/eval/shapes_eval.py).
-METRICS = ("iou", "psnr", "color_acc", "r_precision")
+METRICS = ("iou", "psnr", "color_acc", "r_precision") + shapes_eval.FACTOR_METRICS
 METRIC_TITLES = {"iou": "silhouette IoU (GT)", "psnr": "PSNR vs GT (dB)",
-                 "color_acc": "color accuracy (GT)", "r_precision": "GT R-precision"}
+                 "color_acc": "color accuracy (GT)", "r_precision": "GT R-precision",
+                 **{name: f"{name[len('factor_'):]} right (nearest GT scene)"
+                    for name in shapes_eval.FACTOR_METRICS}}
 # --quick (test size) of generalization, interpolation and guidance_weight: a few
 # steps and two evaluation views on top of configs/shapes.py:quick.
 TINY = {"train.num_steps": 4, "eval.elevations_deg": (20.0,), "eval.views_per_elevation": 2}

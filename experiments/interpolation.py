@@ -84,10 +84,8 @@ def endpoint_quality(generator: generate.Generator, prompts: Sequence[str],
                                      config.eval.views_per_elevation, config.eval.distance,
                                      config.eval.fov_y_deg)
   out = render_inputs(generator, inputs, cameras)
-  size = generator.image_size
-  truth = shapes_eval.ground_truth(list(prompts), cameras, size, size)
   scores = shapes_eval.summarize(shapes_eval.score_prompts(list(prompts), out["rgb"],
-                                                           out["opacity"], truth))
+                                                           out["opacity"], cameras))
   return {f"endpoint_{name}": scores[name] for name in ("iou", "psnr", "color_acc")}
 
 

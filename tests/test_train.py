@@ -19,6 +19,7 @@ from att3d_jax import evaluation
 from att3d_jax import prompt_data
 from att3d_jax import sharding
 from att3d_jax import train
+from att3d_jax.eval import shapes_eval
 from att3d_jax.guidance import base as guidance_base
 from att3d_jax.guidance import schedule
 from att3d_jax.guidance import sds
@@ -333,7 +334,7 @@ def test_quick_main_writes_eval_json_and_outputs(tiny_shapes_model, tmp_path):
   assert saved["frames_per_prompt"] == pytest.approx(
       20 * config.batch.prompts_per_step * config.batch.views_per_prompt / 56)
   for split, count in (("train", 56), ("heldout", 8)):
-    assert set(saved[split]) == {"r_precision", "iou", "psnr", "color_acc"}
+    assert set(saved[split]) == set(shapes_eval.METRIC_NAMES)
     assert sum(row["split"] == split for row in saved["per_prompt"]) == count
   assert results["heldout"] == saved["heldout"]
   heldout_dir = tmp_path / "outputs" / "heldout"

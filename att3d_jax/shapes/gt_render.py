@@ -12,6 +12,12 @@ upper front-left) plus a high ambient term:
 The color of a surface point therefore does not depend on the camera, so a
 NeRF with albedo shading can fit the renders exactly. Misses show
 BACKGROUND_RGB.
+
+Each ray hits one part (object, hat or nothing) and has no antialiasing, so a
+render is exactly `recolor(part, shading, object_rgb, hat_rgb)`: scenes that
+differ only in colors share their part ids and shading factors, and
+`shapes/gt_geometry.py` renders each of the world's 64 geometries once and
+recolors them into any scene's images.
 """
 
 import functools
@@ -48,6 +54,13 @@ SECANT_STEP = 1e-3  # Ray distance between the two secant samples.
 HIT_EPSILON = 1e-3
 NORMAL_STEP = 1e-3  # Central-difference step for normals.
 CPU_RAY_CHUNK_SIZE = 1024  # Fits the working set of a tracing step in L2.
+# What each pixel shows (render_gt's "part"): a scene's rgb is `recolor` of
+# its part ids and shading, so scenes that differ only in colors share them.
+PART_BACKGROUND, PART_OBJECT, PART_HAT = 0, 1, 2
+# Where the hat's and the object's surfaces coincide (a top hat's brim sunk
+# into a cylinder of its radius), the object wins: without a margin rounding
+# decides, differently in each compiled program.
+PART_TIE_TOLERANCE = 1e-5
 
 
 def _bounding_interval(origins: jax.Array, directions: jax.Array):
@@ -111,10 +124,36 @@ def trace(scene: scenes_lib.SceneArrays, origins: jax.Array, directions: jax.Arr
   return t, hit
 
 
+def shading_factor(normals: jax.Array) -> jax.Array:
+  """Lambertian + ambient factor under the world-fixed light: normals [..., 3]
+  -> [...] in [AMBIENT, 1]."""
+  cosine = jnp.sum(normals * jnp.asarray(LIGHT_DIRECTION, normals.dtype), axis=-1)
+  return AMBIENT + (1.0 - AMBIENT) * jnp.maximum(cosine, 0.0)
+
+
 def shade(albedo: jax.Array, normals: jax.Array) -> jax.Array:
   """Lambertian + ambient under the world-fixed light: [..., 3] -> [..., 3]."""
-  cosine = jnp.sum(normals * jnp.asarray(LIGHT_DIRECTION, normals.dtype), axis=-1)
-  return albedo * (AMBIENT + (1.0 - AMBIENT) * jnp.maximum(cosine, 0.0))[..., None]
+  return albedo * shading_factor(normals)[..., None]
+
+
+def recolor(part: jax.Array, shading: jax.Array, object_rgb: jax.Array, hat_rgb: jax.Array,
+            background_rgb=scenes_lib.BACKGROUND_RGB) -> jax.Array:
+  """The rgb image of a scene from its geometry and its colors.
+
+  Args:
+    part: [...] int, PART_BACKGROUND / PART_OBJECT / PART_HAT per pixel.
+    shading: [...] the `shading_factor` of each pixel's surface point.
+    object_rgb, hat_rgb: [3] albedos (broadcast against [..., 3]).
+    background_rgb: [3] color of missed rays.
+
+  Returns:
+    [..., 3] float32: albedo * shading on the object and the hat, the
+    background elsewhere; what `render_gt` renders (it calls this).
+  """
+  albedo = jnp.where((part == PART_HAT)[..., None], jnp.asarray(hat_rgb, jnp.float32),
+                     jnp.asarray(object_rgb, jnp.float32))
+  return jnp.where((part == PART_BACKGROUND)[..., None],
+                   jnp.asarray(background_rgb, jnp.float32), albedo * shading[..., None])
 
 
 def _render_rays(scene: scenes_lib.SceneArrays, origins: jax.Array,
@@ -125,13 +164,17 @@ def _render_rays(scene: scenes_lib.SceneArrays, origins: jax.Array,
   points = origins + t[:, None] * directions
   normals = _normals(points, scene)
   object_distance, hat_distance = scenes_lib.scene_sdf_parts(points, scene)
-  albedo = jnp.where((hat_distance < object_distance)[:, None], scene.hat_rgb,
-                     scene.object_rgb)
+  on_hat = hat_distance < object_distance - PART_TIE_TOLERANCE
+  part = jnp.where(hit, jnp.where(on_hat, PART_HAT, PART_OBJECT), PART_BACKGROUND)
+  part = part.astype(jnp.int32)
+  shading = jnp.where(hit, shading_factor(normals), 0.0)
   return {
-      "rgb": jnp.where(hit[:, None], shade(albedo, normals), background),
+      "rgb": recolor(part, shading, scene.object_rgb, scene.hat_rgb, background),
       "mask": hit.astype(jnp.float32),
       "depth": jnp.where(hit, t, 0.0),
       "normal": jnp.where(hit[:, None], normals, 0.0),
+      "part": part,
+      "shading": shading,
   }
 
 
@@ -161,6 +204,10 @@ def render_gt(scene: Union[scenes_lib.Scene, scenes_lib.SceneArrays],
       depth: [...] distance along the (unit) ray to the first hit, i.e. not
         z-depth; 0 where the ray misses.
       normal: [..., 3] world-frame unit surface normal; 0 where it misses.
+      part: [...] int32 PART_BACKGROUND, PART_OBJECT or PART_HAT: what the
+        ray hits (the hat where it is nearer than the object by more than
+        PART_TIE_TOLERANCE).
+      shading: [...] the `shading_factor` of the hit point; 0 where it misses.
   """
   if isinstance(scene, scenes_lib.Scene):
     scene = scenes_lib.encode_scene(scene)
