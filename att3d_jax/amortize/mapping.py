@@ -21,6 +21,9 @@ the point features the shared field MLP reads.
   `field.init_mlp_params(..., conditioning_dim=D)`).
 - "per_prompt" (the per-prompt optimization baseline): one free grid per
   training prompt, selected by prompt_index; c is ignored.
+- "triplane" (triplane.py, registered when amortize/model.py imports it):
+  c -> MLP -> low-resolution planes -> shared conv upsampling -> a triplane
+  per prompt, sampled bilinearly at each point.
 
 Each variant describes itself, so that the model, the train step and
 generation never compare kind strings: `encode` and `feature_dim` (how points
@@ -274,7 +277,7 @@ class PerPromptTables(HashGridEncoding, nn.Module):
 
 def make_mapping(kind: str, spec: hashgrid.HashGridSpec, *,
                  num_prompts: Optional[int] = None, hidden_width: int = 32,
-                 num_power_iterations: int = 10) -> nn.Module:
+                 num_power_iterations: int = 10, **fields) -> nn.Module:
   """The mapping network `kind` (a registered kind) for grids of `spec`.
 
   Args:
@@ -282,11 +285,13 @@ def make_mapping(kind: str, spec: hashgrid.HashGridSpec, *,
     spec: the hash grid the mapping writes.
     num_prompts: number of training prompts; required by "per_prompt".
     hidden_width, num_power_iterations: of "hypernet".
+    **fields: other config.mapping fields `kind` reads (e.g. "triplane"'s
+      triplane_resolution, ...: see configs/shapes.py).
 
   Returns:
     A module called as `(text_embedding [B, D], prompt_index [B], *,
     update_stats) -> MappingOutput`.
   """
   config = types.SimpleNamespace(hidden_width=hidden_width,
-                                 num_power_iterations=num_power_iterations)
+                                 num_power_iterations=num_power_iterations, **fields)
   return mapping_class(kind).from_config(spec, num_prompts, config)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from att3d_jax.amortize import mapping as mapping_lib
+from att3d_jax.amortize import triplane  # noqa: F401  registers mapping kind "triplane"
 from att3d_jax.nerf import background as background_lib
 from att3d_jax.nerf import field as field_lib
 from att3d_jax.nerf import hashgrid
