@@ -20,6 +20,20 @@ import sys
 import time
 
 
+def _memoized_text(guidance):
+  """guidance with encode and embed cached per list of strings."""
+  def memoized(fn):
+    cache = {}
+
+    def cached(strings):
+      key = tuple(strings)
+      if key not in cache:
+        cache[key] = fn(strings)
+      return cache[key]
+    return cached
+  return guidance._replace(encode=memoized(guidance.encode), embed=memoized(guidance.embed))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=15, help="timed steps after compiling")
@@ -45,11 +59,12 @@ def main():
   if args.prompt_set:
     config.prompts.set = args.prompt_set
   kinds = args.kinds.split(",") if args.kinds else [config.mapping.kind]
-  runs = []
+  runs, guidance = [], None
   for kind in kinds:
     kind_config = config.copy_and_resolve_references()
     kind_config.mapping.kind = kind
-    built = build.build(kind_config)
+    built = build.build(kind_config, guidance=guidance)
+    guidance = guidance or _memoized_text(built.guidance)  # encode each prompt set once
     batches = [jax.device_put(prompt_data.sample_batch(kind_config, built.train_tables, i),
                               sharding.data_sharding(built.mesh))
                for i in range(args.steps + 1)]

@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # point. Defaults keep its train step near the hypernet's (docs/design.md).
   config.mapping.triplane_resolution = 64  # R texels per side; above the grid's finest 48
   config.mapping.triplane_low_resolution = 8  # r, the MLP's planes; R / r a power of 2
-  config.mapping.triplane_channels = 32  # C of the MLP's planes and of each 3x3 conv
+  config.mapping.triplane_channels = 16  # C of the MLP's planes and of each 3x3 conv
   config.mapping.triplane_features = 8  # F per plane; the field MLP reads 3F (concat)
   config.mapping.triplane_hidden_width = 128  # the MLP's hidden layer (output: 3 r^2 C)
   config.mapping.triplane_combine = "concat"  # concat | sum (EG3D) of the 3 planes' samples

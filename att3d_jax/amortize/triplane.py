@@ -111,7 +111,7 @@ class TriplaneGenerator(nn.Module):
 
   resolution: int = 64  # R: output planes' texels per side
   low_resolution: int = 8  # r: the MLP's planes; R / r must be a power of 2
-  channels: int = 32  # C: the MLP's planes' and the decoder's channels
+  channels: int = 16  # C: the MLP's planes' and the decoder's channels
   features: int = 8  # F: output features per plane
   hidden_width: int = 128
   combine: str = "concat"
