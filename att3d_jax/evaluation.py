@@ -161,8 +161,8 @@ def write_outputs(config, model, guidance, params, stats, tables: PromptTables,
                        out_dir / f"{name}.png")
     conditioning = None if mapped.conditioning is None else mapped.conditioning[i]
     try:
-      mesh = model.extract_mesh(params["mlp"], mapped.tables[i], conditioning,
-                                config.eval.mesh_resolution)
+      mesh = model.extract_mesh(params["mlp"], jax.tree.map(lambda x, i=i: x[i], mapped.tables),
+                                conditioning, config.eval.mesh_resolution)
       mesh_lib.export_mesh(mesh, out_dir, name)
     except ValueError as error:  # an empty field: say so, keep the other outputs
       print(f"no mesh for {tables.prompts[row]!r}: {error}")

@@ -133,7 +133,7 @@ class Generator:
     def render(mapped, cameras, normals: bool = False):
       conditioning = None if mapped.conditioning is None else mapped.conditioning[0]
       return render_lib.render_images(
-          model.render_fn(trained.params["mlp"], mapped.tables[0], conditioning, None,
+          model.render_fn(trained.params["mlp"], _first_row(mapped.tables), conditioning, None,
                           trained.guidance.background_color, compute_normals=normals),
           cameras, image_size, image_size)
 
@@ -158,8 +158,13 @@ class Generator:
 
   def mesh(self, mapped, resolution: int = 64) -> mesh_lib.Mesh:
     conditioning = None if mapped.conditioning is None else mapped.conditioning[0]
-    return self.trained.model.extract_mesh(self.trained.params["mlp"], mapped.tables[0],
+    return self.trained.model.extract_mesh(self.trained.params["mlp"], _first_row(mapped.tables),
                                            conditioning, resolution)
+
+
+def _first_row(tables):
+  """Row 0 of per-prompt fields (any pytree with a leading batch axis)."""
+  return jax.tree.map(lambda x: x[0], tables)
 
 
 def _ms(start: float) -> float:

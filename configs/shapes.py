@@ -50,9 +50,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Text embedding -> grid (att3d_jax/amortize/mapping.py).
   config.mapping = ml_collections.ConfigDict()
-  config.mapping.kind = "hypernet"  # hypernet | concat | per_prompt
+  config.mapping.kind = "hypernet"  # hypernet | concat | per_prompt | triplane
   config.mapping.hidden_width = 32
   config.mapping.num_power_iterations = 10  # spectral norm, per step
+  # kind "triplane" (att3d_jax/amortize/triplane.py): text -> MLP -> low-resolution
+  # planes -> shared conv upsampling -> xy, xz, yz planes sampled bilinearly at each
+  # point. Defaults keep its train step near the hypernet's (docs/design.md).
+  config.mapping.triplane_resolution = 64  # R texels per side; above the grid's finest 48
+  config.mapping.triplane_low_resolution = 8  # r, the MLP's planes; R / r a power of 2
+  config.mapping.triplane_channels = 16  # C of the MLP's planes and of each 3x3 conv
+  config.mapping.triplane_features = 8  # F per plane; the field MLP reads 3F (concat)
+  config.mapping.triplane_hidden_width = 128  # the MLP's hidden layer (output: 3 r^2 C)
+  config.mapping.triplane_combine = "concat"  # concat | sum (EG3D) of the 3 planes' samples
+  config.mapping.triplane_spectral_norm = True  # on the MLP, as the hypernet (ATT3D)
 
   # A small grid: the hypernet's output layer is hidden_width x (L * T * F).
   config.hashgrid.num_levels = 6

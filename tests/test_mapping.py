@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from att3d_jax.amortize import mapping
+from att3d_jax.amortize import triplane  # noqa: F401  registers "triplane" for mapping.kinds()
 from att3d_jax.nerf import hashgrid
 
 SPEC = hashgrid.HashGridSpec(num_levels=2, log2_table_size=6, features_per_level=2,
@@ -14,6 +15,10 @@ SPEC = hashgrid.HashGridSpec(num_levels=2, log2_table_size=6, features_per_level
 EMBEDDING_DIM = 24
 BATCH = 3
 NUM_PROMPTS = 5
+# config.mapping fields of a small "triplane" generator: 2 -> 8 texels per side.
+TRIPLANE_FIELDS = dict(triplane_resolution=8, triplane_low_resolution=2, triplane_channels=4,
+                       triplane_features=3, triplane_hidden_width=16, triplane_combine="concat",
+                       triplane_spectral_norm=True)
 
 
 def _inputs(seed=0):
@@ -23,7 +28,8 @@ def _inputs(seed=0):
 
 
 def _init(kind, seed=0):
-  mapping_net = mapping.make_mapping(kind, SPEC, num_prompts=NUM_PROMPTS)
+  mapping_net = mapping.make_mapping(kind, SPEC, num_prompts=NUM_PROMPTS,
+                                    **(TRIPLANE_FIELDS if kind == "triplane" else {}))
   text_embedding, prompt_index = _inputs()
   return mapping_net, mapping_net.init(jax.random.key(seed), text_embedding,
                                        prompt_index)
@@ -116,12 +122,18 @@ def test_power_iteration_state_changes_only_with_update_stats():
 
 @pytest.mark.parametrize("kind,conditioning_dim", [("hypernet", None),
                                                    ("concat", EMBEDDING_DIM),
-                                                   ("per_prompt", None)])
+                                                   ("per_prompt", None),
+                                                   ("triplane", None)])
 def test_output_shapes(kind, conditioning_dim):
   mapping_net, variables = _init(kind)
   out = mapping_net.apply(variables, *_inputs())
-  assert out.tables.shape == (BATCH,) + SPEC.table_shape
+  fields_shape = (3, 8, 8, 3) if kind == "triplane" else SPEC.table_shape
+  assert out.tables.shape == (BATCH,) + fields_shape
   assert out.tables.dtype == jnp.float32
+  # encode reads one row's fields: [N, 3] unit points -> [N, feature_dim].
+  features = mapping_net.encode(out.tables[1], jnp.full((5, 3), 0.3))
+  assert features.shape == (5, mapping_net.feature_dim)
+  assert mapping_net.feature_dim == (9 if kind == "triplane" else SPEC.num_output_features)
   if conditioning_dim is None:
     assert out.conditioning is None
   else:

@@ -165,7 +165,7 @@ def test_guidance_weight_input_carries_a_share_of_the_text_norm():
   np.testing.assert_allclose(rms_norm, np.sqrt(TEXT_WIDTH), rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["hypernet", "concat", "per_prompt"])
+@pytest.mark.parametrize("kind", ["hypernet", "concat", "per_prompt", "triplane"])
 def test_twenty_steps_pull_renders_toward_the_oracle_image(kind):
   """The whole step (mapping -> render -> SDS -> Adam) learns: after 20 steps
   the renders are much closer to the only image the oracle model knows."""

@@ -1,11 +1,17 @@
 """Mapping networks: text embedding c -> hash-grid tables gamma (ATT3D Sec. 3).
 
-Three variants share one call signature, so that the train step does not
+All variants share one call signature, so that the train step does not
 depend on which one a config picks:
 
   mapping.apply(variables, text_embedding [B, D], prompt_index [B],
-                update_stats=...) -> MappingOutput(tables [B, L, T, F],
-                                                   conditioning [B, C] or None)
+                update_stats=...) -> MappingOutput(tables, conditioning [B, C] or None)
+
+`tables` are the per-prompt field parameters: any pytree whose leaves have a
+leading batch axis B (here hash-grid tables [B, L, T, F]; triplane.py's
+generator emits triplanes [B, 3, R, R, F]). Callers treat them as opaque: they
+slice one prompt (`jax.tree.map(lambda x: x[i], tables)` or `vmap`) and hand
+it back to the mapping's `encode(fields, unit_points [N, 3]) -> [N, feature_dim]`,
+the point features the shared field MLP reads.
 
 - "hypernet" (ATT3D's default): gamma = reshape(SN(Linear_no_bias(
   SiLU(SN(Linear_with_bias(c)))))); SN = spectral normalization, without which
@@ -15,9 +21,14 @@ depend on which one a config picks:
   `field.init_mlp_params(..., conditioning_dim=D)`).
 - "per_prompt" (the per-prompt optimization baseline): one free grid per
   training prompt, selected by prompt_index; c is ignored.
+- "triplane" (triplane.py, registered when amortize/model.py imports it):
+  c -> MLP -> low-resolution planes -> shared conv upsampling -> a triplane
+  per prompt, sampled bilinearly at each point.
 
-Each variant describes itself with class attributes, so that the model, the
-train step and generation never compare kind strings:
+Each variant describes itself, so that the model, the train step and
+generation never compare kind strings: `encode` and `feature_dim` (how points
+are encoded from one prompt's fields, and the width of the result), and the
+class attributes
 
   conditions_field: the field MLP takes the mapping input as conditioning
       (its conditioning width is the mapping input width);
@@ -41,7 +52,7 @@ applies with `update_stats=False` and reuses the stored u.
 """
 
 import types
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import chex
 import flax.linen as nn
@@ -79,8 +90,24 @@ HYPERNET_INIT_SCALE = 0.1
 
 
 class MappingOutput(NamedTuple):
-  tables: jax.Array  # [B, L, T, F] hash-grid tables, one grid per batch row
+  # Per-prompt field parameters: a pytree of arrays with leading axis B (the
+  # hash-grid kinds' tables [B, L, T, F]), read back through the mapping's `encode`.
+  tables: Any
   conditioning: Optional[jax.Array]  # [B, C] field-MLP conditioning, or None
+
+
+class HashGridEncoding:
+  """Mixin of the mappings whose per-prompt fields are hash-grid tables
+  [L, T, F] of `self.spec`: points are encoded by `hashgrid.encode`."""
+
+  @property
+  def feature_dim(self) -> int:
+    """Width of `encode`'s point features: L * F."""
+    return self.spec.num_output_features
+
+  def encode(self, tables: jax.Array, unit_points: jax.Array) -> jax.Array:
+    """One prompt's tables [L, T, F], unit_points [N, 3] in [0, 1]^3 -> [N, L * F]."""
+    return hashgrid.encode(unit_points, tables, self.spec)
 
 
 def _uniform_init(scale: float):
@@ -134,7 +161,7 @@ class SpectralDense(nn.Module):
 
 
 @register("hypernet")
-class HyperNetwork(nn.Module):
+class HyperNetwork(HashGridEncoding, nn.Module):
   """ATT3D's mapping network m(c) -> all grid tables of one prompt.
 
   Initialization follows the ATT3D reimpl.: kernels U(-0.1, 0.1), zero bias.
@@ -190,7 +217,7 @@ class HyperNetwork(nn.Module):
 
 
 @register("concat")
-class ConcatMapping(nn.Module):
+class ConcatMapping(HashGridEncoding, nn.Module):
   """One shared grid for all prompts; c conditions the field MLP instead."""
 
   spec: hashgrid.HashGridSpec
@@ -217,7 +244,7 @@ class ConcatMapping(nn.Module):
 
 
 @register("per_prompt")
-class PerPromptTables(nn.Module):
+class PerPromptTables(HashGridEncoding, nn.Module):
   """A free grid per prompt (param [num_prompts, L, T, F]), each initialized
   like `hashgrid.init_tables`; row prompt_index[b] is batch row b's grid."""
 
@@ -250,7 +277,7 @@ class PerPromptTables(nn.Module):
 
 def make_mapping(kind: str, spec: hashgrid.HashGridSpec, *,
                  num_prompts: Optional[int] = None, hidden_width: int = 32,
-                 num_power_iterations: int = 10) -> nn.Module:
+                 num_power_iterations: int = 10, **fields) -> nn.Module:
   """The mapping network `kind` (a registered kind) for grids of `spec`.
 
   Args:
@@ -258,11 +285,13 @@ def make_mapping(kind: str, spec: hashgrid.HashGridSpec, *,
     spec: the hash grid the mapping writes.
     num_prompts: number of training prompts; required by "per_prompt".
     hidden_width, num_power_iterations: of "hypernet".
+    **fields: other config.mapping fields `kind` reads (e.g. "triplane"'s
+      triplane_resolution, ...: see configs/shapes.py).
 
   Returns:
     A module called as `(text_embedding [B, D], prompt_index [B], *,
     update_stats) -> MappingOutput`.
   """
   config = types.SimpleNamespace(hidden_width=hidden_width,
-                                 num_power_iterations=num_power_iterations)
+                                 num_power_iterations=num_power_iterations, **fields)
   return mapping_class(kind).from_config(spec, num_prompts, config)

@@ -1,8 +1,11 @@
 """The ATT3D model: text embedding -> mapping network -> NeRF -> renders.
 
     c [D] (+ the CFG weight, when amortized over it)
-      -> mapping network (hypernet | concat | per_prompt, see mapping.py)
-      -> hash-grid tables [L, T, F] (+ an MLP conditioning vector for concat)
+      -> mapping network (hypernet | concat | per_prompt, see mapping.py;
+         triplane, see triplane.py)
+      -> per-prompt fields: hash-grid tables [L, T, F] (+ an MLP conditioning
+         vector for concat) or a triplane [3, R, R, F], encoded at points by
+         the mapping's `encode`
       -> shared field MLP -> density, albedo -> volume rendering
 
 `ATT3DModel` holds the static structure (modules, grid spec, the config's
@@ -39,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from att3d_jax.amortize import mapping as mapping_lib
+from att3d_jax.amortize import triplane  # noqa: F401  registers mapping kind "triplane"
 from att3d_jax.nerf import background as background_lib
 from att3d_jax.nerf import field as field_lib
 from att3d_jax.nerf import hashgrid
@@ -118,8 +122,9 @@ class ATT3DModel:
     variables = self.mapping.init(mapping_key, jnp.zeros((1, self.input_dim), jnp.float32),
                                   jnp.zeros((1,), jnp.int32))
     params = {"mapping": variables["params"],
-              "mlp": field_lib.init_mlp_params(mlp_key, self.mlp, self.spec,
-                                               conditioning_dim=self.conditioning_dim),
+              "mlp": field_lib.init_mlp_params(mlp_key, self.mlp, None,
+                                               conditioning_dim=self.conditioning_dim,
+                                               feature_dim=self.mapping.feature_dim),
               "text_norm": text_normalization(train_embeddings)}
     return params, dict(variables.get(mapping_lib.SPECTRAL_STATS, {}))
 
@@ -136,8 +141,9 @@ class ATT3DModel:
                     prompt_index: jax.Array, *, update_stats: bool = False
                     ) -> tuple[mapping_lib.MappingOutput, Stats]:
     """inputs [B, input_dim] (raw text embedding, then extra columns such as
-    the CFG weight), prompt_index [B] -> (tables [B, L, T, F] and conditioning
-    [B, C] or None, the updated spectral-norm state)."""
+    the CFG weight), prompt_index [B] -> (tables: per-prompt fields, a pytree
+    with leading axis B (hash grids [B, L, T, F], triplanes [B, 3, R, R, F]),
+    and conditioning [B, C] or None, the updated spectral-norm state)."""
     inputs = self.standardize_inputs(params, inputs)
     variables = {"params": params["mapping"]}
     if stats:
@@ -148,12 +154,14 @@ class ATT3DModel:
       return out, dict(updated[mapping_lib.SPECTRAL_STATS])
     return self.mapping.apply(variables, inputs, prompt_index, update_stats=False), stats
 
-  def field_fn(self, mlp_params, tables: jax.Array, conditioning: Optional[jax.Array],
+  def field_fn(self, mlp_params, tables, conditioning: Optional[jax.Array],
                compute_normals: bool = False) -> render_lib.FieldFn:
     """points [N, 3] -> dict(density, albedo[, normal]) of one prompt's NeRF:
-    tables [L, T, F], conditioning [C] or None."""
+    tables = one prompt's fields (a row of `apply_mapping`'s tables, e.g. a
+    hash grid [L, T, F]), encoded by the mapping's `encode`; conditioning [C]
+    or None."""
     return functools.partial(
-        field_lib.field_outputs, mlp_params, tables, spec=self.spec, mlp=self.mlp,
+        field_lib.field_outputs, mlp_params, tables, encode=self.mapping.encode, mlp=self.mlp,
         scene_radius=self.scene_radius, density_activation=self.density_activation,
         bias_scale=self.bias_scale, bias_radius=self.bias_radius,
         conditioning=conditioning, compute_normals=compute_normals)
@@ -165,7 +173,7 @@ class ATT3DModel:
     is half opaque lies above most objects' peak and finds no surface."""
     return mesh_lib.density_for_alpha(0.5, MESH_SHELL_THICKNESS * self.scene_radius)
 
-  def extract_mesh(self, mlp_params, tables: jax.Array, conditioning: Optional[jax.Array],
+  def extract_mesh(self, mlp_params, tables, conditioning: Optional[jax.Array],
                    resolution: int) -> mesh_lib.Mesh:
     """The field's surface at `surface_density`, clipped to the rendered ball,
     largest component only (raises ValueError for an empty field)."""
@@ -176,7 +184,7 @@ class ATT3DModel:
         resolution=resolution, scene_radius=self.scene_radius,
         threshold=self.surface_density(), clip_to_sphere=True, keep_largest_component=True)
 
-  def render_fn(self, mlp_params, tables: jax.Array, conditioning: Optional[jax.Array],
+  def render_fn(self, mlp_params, tables, conditioning: Optional[jax.Array],
                 key: Optional[jax.Array], background_color: Sequence[float],
                 compute_normals: bool = False) -> Callable[[Rays], dict]:
     """Rays [N, 3] -> `render.render_rays` outputs (albedo over a solid
@@ -191,7 +199,7 @@ class ATT3DModel:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _field_output(model: ATT3DModel, name: str, mlp_params, tables: jax.Array,
+def _field_output(model: ATT3DModel, name: str, mlp_params, tables,
                   conditioning: Optional[jax.Array], points: jax.Array) -> jax.Array:
   """One output of the field at points [N, 3]; jitted once per model and shapes."""
   return model.field_fn(mlp_params, tables, conditioning)(points)[name]

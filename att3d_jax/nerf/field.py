@@ -1,5 +1,8 @@
 """The NeRF field: hash-grid features -> shared small MLP -> density, albedo.
 
+(Another point encoding, e.g. amortize/triplane.py's triplanes, plugs in
+through `field_outputs`'s `encode`.)
+
 The grid `tables` are an argument, not module parameters, so that ATT3D's
 mapping network can emit them per prompt (and the per-prompt baseline can
 `vmap` over a leading prompt axis of free tables). Only the small decoder MLP
@@ -15,7 +18,7 @@ World points live in the scene sphere of `scene_radius`; the grid covers the
 cube [-scene_radius, scene_radius]^3, mapped to [0, 1]^3.
 """
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import chex
 import flax.linen as nn
@@ -78,21 +81,26 @@ class FieldMLP(nn.Module):
     return nn.Dense(4, dtype=self.dtype, name="output")(x)
 
 
-def init_mlp_params(key: jax.Array, mlp: FieldMLP, spec: hashgrid.HashGridSpec,
-                    conditioning_dim: int = 0) -> dict:
-  """The "params" collection of `mlp` for grid features plus an optional
-  conditioning vector of `conditioning_dim` entries."""
-  features = jnp.zeros((1, spec.num_output_features + conditioning_dim),
-                       jnp.float32)
+def init_mlp_params(key: jax.Array, mlp: FieldMLP, spec: Optional[hashgrid.HashGridSpec],
+                    conditioning_dim: int = 0, *, feature_dim: Optional[int] = None) -> dict:
+  """The "params" collection of `mlp` for point features plus an optional
+  conditioning vector of `conditioning_dim` entries. The point features are
+  the hash grid's of `spec` (L * F), or `feature_dim` wide when given (another
+  encoding, e.g. a triplane; then spec may be None)."""
+  if feature_dim is None:
+    feature_dim = spec.num_output_features
+  features = jnp.zeros((1, feature_dim + conditioning_dim), jnp.float32)
   return mlp.init(key, features)["params"]
 
 
-def field_outputs(mlp_params: dict, tables: jax.Array, points: jax.Array,
-                  spec: hashgrid.HashGridSpec, *, mlp: FieldMLP,
+def field_outputs(mlp_params: dict, tables, points: jax.Array,
+                  spec: Optional[hashgrid.HashGridSpec] = None, *, mlp: FieldMLP,
                   scene_radius: float = 1.0, density_activation: str = "softplus",
                   bias_scale: float = 10.0, bias_radius: float = 0.5,
                   conditioning: Optional[jax.Array] = None,
-                  compute_normals: bool = False) -> dict[str, jax.Array]:
+                  compute_normals: bool = False,
+                  encode: Optional[Callable[[Any, jax.Array], jax.Array]] = None
+                  ) -> dict[str, jax.Array]:
   """Density, albedo and optionally normals of the field at world points.
 
   For `render.render_rays`, close over everything but the points, e.g.
@@ -100,10 +108,11 @@ def field_outputs(mlp_params: dict, tables: jax.Array, points: jax.Array,
 
   Args:
     mlp_params: the "params" collection of `mlp`.
-    tables: hash-grid tables `spec.table_shape` = `[L, T, F]` (one prompt's).
+    tables: one prompt's field parameters: hash-grid tables `spec.table_shape`
+      = `[L, T, F]`, or whatever `encode` reads.
     points: `[N, 3]` world coordinates; the grid covers
       [-scene_radius, scene_radius]^3 (outside, features are clamped).
-    spec: the grid's static hyperparameters.
+    spec: the grid's static hyperparameters (unused when `encode` is given).
     mlp: the shared `FieldMLP`.
     scene_radius: half the side of the cube the grid covers.
     density_activation: "softplus" or "trunc_exp", applied to raw density +
@@ -113,6 +122,9 @@ def field_outputs(mlp_params: dict, tables: jax.Array, points: jax.Array,
       appended to the grid features; the MLP must have been initialized for
       `L * F + C` inputs (`init_mlp_params(..., conditioning_dim=C)`).
     compute_normals: also return normals (one extra backward pass).
+    encode: `(tables, unit_points [N, 3] in [0, 1]^3) -> features [N, F']`,
+      how a generator other than the hash grid encodes points (the mapping
+      network's `encode`); None: `hashgrid.encode` with `spec`.
 
   Returns:
     dict with density `[N]` (>= 0), albedo `[N, 3]` in [0, 1], and, with
@@ -122,6 +134,10 @@ def field_outputs(mlp_params: dict, tables: jax.Array, points: jax.Array,
   if density_activation not in DENSITY_ACTIVATIONS:
     raise ValueError(f"unknown density_activation {density_activation!r}; expected "
                      f"one of {DENSITY_ACTIVATIONS}")
+  if encode is None:
+    if spec is None:
+      raise ValueError("field_outputs needs the hash grid's spec or an encode function.")
+    encode = lambda tables, unit_points: hashgrid.encode(unit_points, tables, spec)
   chex.assert_rank(points, 2)
   chex.assert_axis_dimension(points, -1, 3)
   num_points = points.shape[0]
@@ -133,7 +149,7 @@ def field_outputs(mlp_params: dict, tables: jax.Array, points: jax.Array,
 
   def raw_density_and_albedo(points):
     unit_points = 0.5 * (points / scene_radius + 1.0)
-    features = hashgrid.encode(unit_points, tables, spec)
+    features = encode(tables, unit_points)
     if conditioning is not None:
       features = jnp.concatenate([features, conditioning.astype(features.dtype)],
                                  axis=-1)
