@@ -150,3 +150,28 @@ def test_compilation_cache_is_written_and_off_when_empty(tmp_path):
   subprocess.run([sys.executable, "-c", script, str(cache)], check=True, cwd=REPO,
                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert any(cache.iterdir())
+
+
+def test_meshes_of_more_prompts_compile_nothing_new(tiny_shapes_model):
+  """After one prompt's mesh, another prompt's mesh of the same resolution
+  compiles nothing: the field is evaluated through one jitted function whose
+  params are arguments, in power-of-two chunk shapes (per-prompt compiles made
+  100 prompts' outputs take minutes)."""
+  config = _triplane_config(tiny_shapes_model)
+  config.mapping.kind = "hypernet"
+  built = build.build(config, for_training=False)
+  params, stats = built.state["params"], built.state["stats"]
+  embedding = built.guidance.embed(["a red sphere", "a small blue cube wearing a red beanie"])
+  mapped, _ = built.model.apply_mapping(params, stats, embedding, np.zeros(2, np.int32))
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, seconds, **kwargs: compiles.append(event)
+      if event == "/jax/core/compile/backend_compile_duration" else None)
+  meshes = []
+  for i in range(2):
+    tables = jax.tree.map(lambda x, i=i: x[i], mapped.tables)
+    before = len(compiles)
+    meshes.append(built.model.extract_mesh(params["mlp"], tables, None, resolution=24))
+    new = len(compiles) - before
+  assert new == 0, f"the second prompt's mesh compiled {new} programs"
+  assert len(meshes[1].vertices) > 0

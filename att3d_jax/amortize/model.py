@@ -182,7 +182,8 @@ class ATT3DModel:
         lambda p: _field_output(self, "density", mlp_params, tables, conditioning, p),
         lambda p: _field_output(self, "albedo", mlp_params, tables, conditioning, p),
         resolution=resolution, scene_radius=self.scene_radius,
-        threshold=self.surface_density(), clip_to_sphere=True, keep_largest_component=True)
+        threshold=self.surface_density(), clip_to_sphere=True, keep_largest_component=True,
+        jit=False)  # _field_output is jitted once per model and chunk shape
 
   def render_fn(self, mlp_params, tables, conditioning: Optional[jax.Array],
                 key: Optional[jax.Array], background_color: Sequence[float],

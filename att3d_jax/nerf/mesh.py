@@ -47,7 +47,7 @@ class Mesh(NamedTuple):
 
 def _evaluate_in_chunks(fn: PointFn, fn_signature: str, value_shape: tuple[int, ...],
                         num_points: int, points_of: Callable[[int, int], np.ndarray],
-                        chunk_size: int) -> np.ndarray:
+                        chunk_size: int, jit: bool = True) -> np.ndarray:
   """Applies `fn` to `num_points` points, `chunk_size` at a time.
 
   Args:
@@ -57,14 +57,18 @@ def _evaluate_in_chunks(fn: PointFn, fn_signature: str, value_shape: tuple[int, 
     num_points: total number of points.
     points_of: (start, stop) -> [stop - start, 3] host points of that range.
     chunk_size: points per call; the last chunk is zero-padded to this size so
-      that `fn` is traced and compiled once.
+      that `fn` is traced and compiled once. Fewer points shrink it to the next
+      power of two: a few chunk shapes serve every mesh's vertex count.
+    jit: compile `fn` here. False when `fn` is already jitted and reused
+      across calls (ATT3DModel.extract_mesh): a jit of a fresh closure per call
+      would compile per call, i.e. per prompt.
 
   Returns:
     [num_points, *value_shape] float32 values as a numpy array.
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive number of points, got {chunk_size}")
-  chunk_size = min(chunk_size, num_points)
+  chunk_size = min(chunk_size, 1 << max(0, (num_points - 1).bit_length()))
 
   def checked_fn(points):
     values = fn(points)
@@ -73,7 +77,7 @@ def _evaluate_in_chunks(fn: PointFn, fn_signature: str, value_shape: tuple[int, 
                        f"returned shape {values.shape}")
     return values.astype(jnp.float32)
 
-  compiled_fn = jax.jit(checked_fn)
+  compiled_fn = jax.jit(checked_fn) if jit else checked_fn
   outputs = []
   for start in range(0, num_points, chunk_size):
     points = np.asarray(points_of(start, min(start + chunk_size, num_points)), np.float32)
@@ -104,7 +108,7 @@ def lattice_axis(resolution: int, scene_radius: float = 1.0) -> np.ndarray:
 
 
 def density_grid(density_fn: PointFn, resolution: int, scene_radius: float = 1.0,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, jit: bool = True) -> np.ndarray:
   """Samples a density field on the lattice described in the module docstring.
 
   Args:
@@ -112,6 +116,8 @@ def density_grid(density_fn: PointFn, resolution: int, scene_radius: float = 1.0
     resolution: lattice points per axis (>= 2).
     scene_radius: half the side of the sampled cube.
     chunk_size: points per jitted call.
+    jit: compile density_fn here (False: it is jitted already, see
+      `_evaluate_in_chunks`).
 
   Returns:
     [resolution, resolution, resolution] float32, axes (x, y, z).
@@ -124,7 +130,7 @@ def density_grid(density_fn: PointFn, resolution: int, scene_radius: float = 1.0
     return np.stack([axis[index] for index in ijk], axis=-1)
 
   values = _evaluate_in_chunks(density_fn, "density_fn: points [N, 3] -> density [N]", (),
-                               resolution**3, points_of, chunk_size)
+                               resolution**3, points_of, chunk_size, jit)
   return values.reshape(shape)
 
 
@@ -151,7 +157,7 @@ def largest_component(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarr
 def extract_mesh(density_fn: PointFn, albedo_fn: PointFn, *, resolution: int = 128,
                  threshold: float = DEFAULT_DENSITY_THRESHOLD, scene_radius: float = 1.0,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, clip_to_sphere: bool = False,
-                 keep_largest_component: bool = False) -> Mesh:
+                 keep_largest_component: bool = False, jit: bool = True) -> Mesh:
   """The surface {x : density(x) = threshold} with albedo vertex colors.
 
   Args:
@@ -168,6 +174,8 @@ def extract_mesh(density_fn: PointFn, albedo_fn: PointFn, *, resolution: int = 1
       holds in the cube's corners was never trained.
     keep_largest_component: drop every connected piece but the one with the
       most faces: floaters in space no training view constrained.
+    jit: compile both functions here; pass False for functions jitted once
+      and reused across meshes, so that many meshes compile once.
 
   Returns:
     `Mesh` in world coordinates, faces wound counter-clockwise seen from the
@@ -176,7 +184,7 @@ def extract_mesh(density_fn: PointFn, albedo_fn: PointFn, *, resolution: int = 1
   Raises:
     ValueError: if the density is not finite, or never crosses `threshold`.
   """
-  grid = density_grid(density_fn, resolution, scene_radius, chunk_size)
+  grid = density_grid(density_fn, resolution, scene_radius, chunk_size, jit)
   if clip_to_sphere:
     axis = lattice_axis(resolution, scene_radius)
     radius = np.sqrt(axis[:, None, None]**2 + axis[None, :, None]**2 + axis[None, None, :]**2)
@@ -209,7 +217,7 @@ def extract_mesh(density_fn: PointFn, albedo_fn: PointFn, *, resolution: int = 1
 
   colors = _evaluate_in_chunks(albedo_fn, "albedo_fn: points [N, 3] -> RGB [N, 3]", (3,),
                                len(vertices), lambda start, stop: vertices[start:stop],
-                               chunk_size)
+                               chunk_size, jit)
   return Mesh(vertices=vertices, faces=np.ascontiguousarray(faces, np.int32),
               vertex_colors=np.clip(colors, 0.0, 1.0))
 
