@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from att3d_jax import prompt_data
+from att3d_jax.eval import shapes_eval
 from att3d_jax.shapes import diffusion
 from experiments import common
 from experiments import generalization
@@ -58,6 +59,9 @@ def tiny_config(tiny_shapes_model):
 
 def check_metrics(row: dict, names=common.METRICS) -> None:
   for name in names:
+    if row[name] is None:  # e.g. factor_hat_color of prompts without hats
+      assert name in shapes_eval.FACTOR_METRICS, (name, row)
+      continue
     assert np.isfinite(row[name]), (name, row)
     if name.endswith("psnr"):
       assert 0.0 < row[name] < 100.0, (name, row)
@@ -136,18 +140,33 @@ def test_generalization(tiny_config, tmp_path, monkeypatch):
   # shapes_2400 at 1/125 of its size (the splits stay nested prefixes: 2 and 16
   # prompts), 4 held-out prompts: the experiment's logic at CI cost.
   load_prompts = prompt_data.load_prompts
-  monkeypatch.setattr(prompt_data, "load_prompts", lambda config: (lambda s: s._replace(
-      train=s.train[:len(s.train) // 125], heldout=s.heldout[:4]))(load_prompts(config)))
+  # (The per-prompt baseline's prompts.file, 2 held-out prompts, stays whole.)
+  monkeypatch.setattr(prompt_data, "load_prompts", lambda config: (lambda s: s if (
+      config.prompts.file) else s._replace(train=s.train[:len(s.train) // 125],
+                                           heldout=s.heldout[:4]))(load_prompts(config)))
   rows = generalization.run(tiny_config, str(tmp_path), ("12.5%", "100%"), curve_every=2,
-                            num_steps=3, budget_min=0.0, eval_views=2)
+                            num_steps=3, budget_min=0.0, eval_views=2, baseline_prompts=2)
+  amortized = [r for r in rows if r["generator"] == "hypernet"]
   # Curve points at steps 0 and 2, and the final evaluation at step 3.
-  assert {(r["train_split"], r["num_train_prompts"], r["split"], r["step"]) for r in rows} == {
+  assert {(r["train_split"], r["num_train_prompts"], r["split"], r["step"])
+          for r in amortized} == {
       (split, count, prompts, step) for split, count in (("12.5%", 2), ("100%", 16))
       for prompts in ("train", "heldout") for step in (0, 2, 3)}
   for row in rows:
     check_metrics(row)
+  for row in amortized:
     assert row["rendered_frames"] == row["step"] * 4 * 2  # B x V
   assert [r["num_train_prompts"] for r in generalization.equal_compute_rows(rows)] == [2, 16]
+  # Equal frames per training prompt: 16 prompts at step 3 = 1.5 frames; the
+  # 2-prompt run reaches at most that at step 0.
+  assert [(r["num_train_prompts"], r["step"])
+          for r in generalization.equal_frames_rows(rows)] == [(2, 0), (16, 3)]
+  # Per-prompt optimization of 2 held-out prompts, 1 view each: 24 total
+  # frames / 2400 prompts -> 1 frame (step) each at equal total compute, on
+  # to 24 / 250 -> still 1 step.
+  baseline = [r for r in rows if r["generator"] == "per_prompt"]
+  assert {r["step"] for r in baseline if r["equal_total_compute"]} == {1}
+  assert all(r["num_train_prompts"] == 2 and r["split"] == "heldout" for r in baseline)
   assert len(read_csv(tmp_path / "generalization.csv")) == len(rows)
   assert (tmp_path / "generalization.png").stat().st_size > 0
   assert (tmp_path / "config.json").is_file()
