@@ -22,6 +22,7 @@ from experiments import generalization
 from experiments import guidance_weight
 from experiments import interpolation
 from experiments import quality_vs_compute
+from experiments import text_probe
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -214,3 +215,12 @@ def test_guidance_weight(tiny_config, tmp_path):
     assert (tmp_path / name).stat().st_size > 0
   with pytest.raises(ValueError, match="scale_range"):
     guidance_weight.run(tiny_config, str(tmp_path / "outside"), weights=(20.0,))
+
+
+def test_text_probe_separates_what_is_separable_and_not_noise():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, 400)
+  separable = np.eye(4)[labels] + 0.05 * rng.normal(size=(400, 4))
+  assert text_probe.probe_accuracy(separable, labels, 300) == 1.0
+  noise = rng.normal(size=(400, 8))
+  assert text_probe.probe_accuracy(noise, labels, 300) < 0.45  # chance 0.25
