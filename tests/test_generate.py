@@ -93,6 +93,16 @@ def _triplane_config(tiny_shapes_model):
   return config
 
 
+def _check_generates_unseen(trained, out_dir):
+  """An unseen prompt through the Generator: turntable and mesh written."""
+  generator = generate.Generator(trained, image_size=16)
+  timings = generate.generate_prompt(generator, "a red sphere", out_dir, num_frames=2,
+                                     mesh_resolution=16)
+  assert timings["kind"] == "unseen"
+  assert (out_dir / "a_red_sphere.gif").is_file()
+  assert (out_dir / "a_red_sphere.obj").is_file()
+
+
 def test_triplane_model_writes_outputs_and_generates(tiny_shapes_model, tmp_path):
   """mapping.kind=triplane's per-prompt triplanes through evaluation's
   turntables and meshes and through generation (untrained: the blob)."""
@@ -105,12 +115,7 @@ def test_triplane_model_writes_outputs_and_generates(tiny_shapes_model, tmp_path
   assert (tmp_path / "outputs" / f"{name}.obj").is_file()
   trained = generate.TrainedModel(config, built.model, params, stats, built.guidance,
                                   built.prompt_set.train)
-  generator = generate.Generator(trained, image_size=16)
-  timings = generate.generate_prompt(generator, "a red sphere", tmp_path / "out", num_frames=2,
-                                     mesh_resolution=16)
-  assert timings["kind"] == "unseen"
-  assert (tmp_path / "out" / "a_red_sphere.gif").is_file()
-  assert (tmp_path / "out" / "a_red_sphere.obj").is_file()
+  _check_generates_unseen(trained, tmp_path / "out")
 
 
 @pytest.mark.slow
@@ -130,11 +135,7 @@ def test_triplane_model_trains_evaluates_and_generates(tiny_shapes_model, tmp_pa
   trained = generate.load_trained(str(workdir))
   assert trained.params["mapping"]["output"]["kernel"].shape[-1] == (
       config.mapping.triplane_features)
-  generator = generate.Generator(trained, image_size=16)
-  timings = generate.generate_prompt(generator, "a red sphere", tmp_path / "out", num_frames=2,
-                                     mesh_resolution=16)
-  assert timings["kind"] == "unseen"
-  assert (tmp_path / "out" / "a_red_sphere.gif").is_file()
+  _check_generates_unseen(trained, tmp_path / "out")
 
 
 def test_compilation_cache_is_written_and_off_when_empty(tmp_path):
