@@ -125,6 +125,11 @@ class TextCache:
   def __len__(self) -> int:
     return len(self._rows)
 
+  def __contains__(self, key: tuple[str, str]) -> bool:
+    """Whether the row (table kind, prompt) is held now."""
+    with self.lock:
+      return key in self._rows
+
   def get(self, kind: str, prompts: Sequence[str],
           encode: Callable[[list[str]], np.ndarray]) -> list[np.ndarray]:
     """The rows of `prompts` of table `kind`, encoding the missing ones with
