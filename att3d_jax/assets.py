@@ -1,9 +1,12 @@
 """Where the shipped models live: package data under att3d_jax/weights/.
 
-Two models travel inside the package, so `pip install .` brings them and they
+Three models travel inside the package, so `pip install .` brings them and they
 are found from any working directory:
-  shapes        the shapes-world text-to-image diffusion model (guidance);
-  att3d_shapes  the pretrained ATT3D shapes model (`att3d_jax.generate`'s default).
+  shapes             the shapes-world text-to-image diffusion model (guidance);
+  att3d_shapes       the pretrained ATT3D shapes model (`att3d_jax.generate`'s
+                     default; 64 prompts, configs/shapes.py);
+  att3d_shapes_2400  ATT3D on the compositional set (configs/shapes_2400.py;
+                     `--workdir=weights/att3d_shapes_2400`).
 
 Configs and saved config.json files name them the readable way they were
 written before the models moved into the package, "weights/shapes";
@@ -19,7 +22,7 @@ SHIPPED_PREFIX = "weights/"  # how configs name a shipped model: "weights/<name>
 
 
 def shipped(name: str) -> pathlib.Path:
-  """The packaged folder of shipped model `name` ("shapes" or "att3d_shapes")."""
+  """The packaged folder of shipped model `name` ("shapes", "att3d_shapes", ...)."""
   path = WEIGHTS_DIR / name
   if not path.is_dir():
     available = sorted(p.name for p in WEIGHTS_DIR.iterdir() if p.is_dir())

@@ -70,8 +70,9 @@ def export_model(workdir: str, out_dir: str) -> pathlib.Path:
 
 
 def load_trained(path: str, guidance_path: Optional[str] = None) -> TrainedModel:
-  """A training workdir (newest checkpoint) or an exported folder (params.msgpack)."""
-  path = pathlib.Path(path)
+  """A training workdir (newest checkpoint) or an exported folder (params.msgpack);
+  "weights/<name>" names a shipped model (assets.resolve)."""
+  path = pathlib.Path(assets.resolve(path))
   if not (path / "config.json").is_file():
     raise FileNotFoundError(f"{path} holds no config.json: pass a training --workdir or an "
                             "exported model folder")

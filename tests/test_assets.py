@@ -10,7 +10,7 @@ from att3d_jax import assets
 
 
 def test_shipped_models_are_inside_the_package():
-  for name in ("shapes", "att3d_shapes"):
+  for name in ("shapes", "att3d_shapes", "att3d_shapes_2400"):
     path = assets.shipped(name)
     package_dir = pathlib.Path(att3d_jax.__file__).resolve().parent
     assert path.is_dir() and path.parent.parent == package_dir
