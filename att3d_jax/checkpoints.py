@@ -80,19 +80,52 @@ IDENTITY_KEYS = ("prompts", "mapping", "hashgrid", "field", "guidance.kind",
                  "batch.prompts_per_step")
 
 
+def _leaves(tree: dict, dotted: str) -> dict:
+  """{"a.b.c": value} of the non-dict leaves of tree's entry `dotted` ("a.b");
+  {} where tree has no such entry."""
+  for part in dotted.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return {}
+    tree = tree[part]
+  return _flatten(tree, dotted)
+
+
+def _flatten(tree, prefix: str) -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  leaves = {}
+  for name, value in tree.items():
+    leaves.update(_flatten(value, f"{prefix}.{name}"))
+  return leaves
+
+
 def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir whose checkpoints come from an incompatible config."""
+  """Refuses a workdir whose checkpoints come from an incompatible config.
+
+  The IDENTITY_KEYS sections are compared field by field. A field missing from
+  the workdir's config.json was added to the code after that run started: it
+  is accepted (and named), because a new field's default keeps the behaviour
+  that came before it. A field whose value differs, or that the run had and
+  this config lacks, is refused.
+  """
   path = workdir / "config.json"
   if not path.exists() or not (workdir / CHECKPOINT_DIR).exists():
     return
-  old = json.loads(path.read_text())
-  new = json.loads(config.to_json_best_effort())
-  for dotted in IDENTITY_KEYS:
-    old_value, new_value = old, new
-    for part in dotted.split("."):
-      old_value, new_value = old_value.get(part), new_value.get(part)
-    if old_value != new_value:
-      raise ValueError(
-          f"workdir {workdir} holds checkpoints of a different config ({dotted}: "
-          f"{old_value!r} there, {new_value!r} now); use a fresh --workdir or the "
-          "config it was made with. Nothing was overwritten.")
+  old_config = json.loads(path.read_text())
+  new_config = json.loads(config.to_json_best_effort())
+  added = []
+  for key in IDENTITY_KEYS:
+    old, new = _leaves(old_config, key), _leaves(new_config, key)
+    for dotted in sorted(old.keys() | new.keys()):
+      if dotted not in old:
+        added.append(dotted)
+      elif dotted not in new or old[dotted] != new[dotted]:
+        now = repr(new[dotted]) if dotted in new else "no such field"
+        raise ValueError(
+            f"workdir {workdir} holds checkpoints of a different config ({dotted}: "
+            f"{old[dotted]!r} there, {now} now); use a fresh --workdir or the "
+            "config it was made with. Nothing was overwritten.")
+  if added:
+    print(f"resuming {workdir}, made before these fields existed (taking their "
+          f"values from this config): {', '.join(added)}", flush=True)
+

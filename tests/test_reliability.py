@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from att3d_jax import train
 from att3d_jax import xla_cpu
 from att3d_jax.guidance import base as guidance_base
 from att3d_jax.guidance import minilm
+from configs import shapes as shapes_config
 
 import test_train
 
@@ -388,3 +390,33 @@ def test_unknown_config_file_lists_the_available_ones(tmp_path):
   assert out.returncode != 0
   assert "configs/nope.py" in out.stderr and "configs/shapes.py" in out.stderr
   assert "configs/animals.py" in out.stderr
+
+
+def workdir_made_with(tmp_path, config_dict: dict) -> pathlib.Path:
+  """A workdir whose run was made with config_dict (its config.json) and has checkpoints."""
+  workdir = tmp_path / "run"
+  (workdir / checkpoints.CHECKPOINT_DIR).mkdir(parents=True)
+  (workdir / "config.json").write_text(json.dumps(config_dict))
+  return workdir
+
+
+def test_resume_accepts_fields_added_since_the_run_and_names_them(tmp_path, capsys):
+  config = shapes_config.get_config("quick")
+  old = json.loads(config.to_json_best_effort())
+  del old["mapping"]["triplane_combine"]  # as if the run predates the field
+  checkpoints.check_workdir(workdir_made_with(tmp_path, old), config)
+  assert "mapping.triplane_combine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda old: old["mapping"].update(hidden_width=64), "mapping.hidden_width: 64 there, 32"),
+    (lambda old: old["hashgrid"].update(retired_field=1), "hashgrid.retired_field: 1 there, "
+                                                          "no such field"),
+    (lambda old: old["prompts"].update(set="shapes_2400"), "prompts.set: 'shapes_2400'"),
+])
+def test_resume_refuses_a_changed_or_removed_identity_field(tmp_path, change, message):
+  config = shapes_config.get_config("quick")
+  old = json.loads(config.to_json_best_effort())
+  change(old)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    checkpoints.check_workdir(workdir_made_with(tmp_path, old), config)
