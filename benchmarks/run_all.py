@@ -112,8 +112,9 @@ def train_step_profile(quick: bool, guidance: guidance_base.Guidance | None = No
   params, stats = holder["state"]["params"], holder["state"]["stats"]
 
   # The parts, each its own jitted function of the same shapes.
-  mapping_grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply_mapping(
-      p, stats, batch["mapping_input"], batch["prompt_index"])[0].tables**2)))
+  # Tables are any generator's pytree (hash-grid tables, triplanes).
+  mapping_grad = jax.jit(jax.grad(lambda p: sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(
+      model.apply_mapping(p, stats, batch["mapping_input"], batch["prompt_index"])[0].tables))))
   mapped, _ = model.apply_mapping(params, stats, batch["mapping_input"], batch["prompt_index"])
   cameras = cameras_lib.sample_cameras(key, views, config.camera.elevation_range_deg,
                                        config.camera.azimuth_range_deg,
