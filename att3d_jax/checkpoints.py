@@ -80,22 +80,13 @@ IDENTITY_KEYS = ("prompts", "mapping", "hashgrid", "field", "guidance.kind",
                  "batch.prompts_per_step")
 
 
-def _leaves(tree: dict, dotted: str) -> dict:
-  """{"a.b.c": value} of the non-dict leaves of tree's entry `dotted` ("a.b");
-  {} where tree has no such entry."""
-  for part in dotted.split("."):
-    if not isinstance(tree, dict) or part not in tree:
-      return {}
-    tree = tree[part]
-  return _flatten(tree, dotted)
-
-
-def _flatten(tree, prefix: str) -> dict:
+def _flatten(tree, prefix: str = "") -> dict:
+  """{"a.b.c": value} of a nested dict's non-dict leaves."""
   if not isinstance(tree, dict):
     return {prefix: tree}
   leaves = {}
   for name, value in tree.items():
-    leaves.update(_flatten(value, f"{prefix}.{name}"))
+    leaves.update(_flatten(value, f"{prefix}.{name}" if prefix else name))
   return leaves
 
 
@@ -111,20 +102,20 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> N
   path = workdir / "config.json"
   if not path.exists() or not (workdir / CHECKPOINT_DIR).exists():
     return
-  old_config = json.loads(path.read_text())
-  new_config = json.loads(config.to_json_best_effort())
+  old = _flatten(json.loads(path.read_text()))
+  new = _flatten(json.loads(config.to_json_best_effort()))
   added = []
-  for key in IDENTITY_KEYS:
-    old, new = _leaves(old_config, key), _leaves(new_config, key)
-    for dotted in sorted(old.keys() | new.keys()):
-      if dotted not in old:
-        added.append(dotted)
-      elif dotted not in new or old[dotted] != new[dotted]:
-        now = repr(new[dotted]) if dotted in new else "no such field"
-        raise ValueError(
-            f"workdir {workdir} holds checkpoints of a different config ({dotted}: "
-            f"{old[dotted]!r} there, {now} now); use a fresh --workdir or the "
-            "config it was made with. Nothing was overwritten.")
+  for dotted in sorted(old.keys() | new.keys()):
+    if not any(dotted == key or dotted.startswith(key + ".") for key in IDENTITY_KEYS):
+      continue
+    if dotted not in old:
+      added.append(dotted)
+    elif dotted not in new or old[dotted] != new[dotted]:
+      now = repr(new[dotted]) if dotted in new else "no such field"
+      raise ValueError(
+          f"workdir {workdir} holds checkpoints of a different config ({dotted}: "
+          f"{old[dotted]!r} there, {now} now); use a fresh --workdir or the "
+          "config it was made with. Nothing was overwritten.")
   if added:
     print(f"resuming {workdir}, made before these fields existed (taking their "
           f"values from this config): {', '.join(added)}", flush=True)
