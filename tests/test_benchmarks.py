@@ -63,3 +63,20 @@ def test_train_step_against_its_first_version():
   # The speedup the table reports (2.2x when measured on an idle CPU); a loaded
   # machine still keeps it well above 1.
   assert first[0]["step_ms"] > 1.3 * now[0]["step_ms"]
+
+
+def test_train_step_bench_variant_overrides():
+  """--variants="a.b=1,c=x": literals parsed, strings kept, the base config untouched,
+  a mistyped field refused rather than silently benchmarked as the default."""
+  from benchmarks import bench_train_step
+  base = bench_train_step._load_config(os.path.join(REPO, "configs", "shapes_2400.py"))
+  config = bench_train_step._apply_overrides(
+      base, "mapping.hidden_width=128,mapping.kind=triplane,optim.lr_mlp=2e-3")
+  assert config.mapping.hidden_width == 128 and config.mapping.kind == "triplane"
+  assert config.optim.lr_mlp == 2e-3
+  assert base.mapping.hidden_width == 32 and base.mapping.kind == "hypernet"
+  assert bench_train_step._apply_overrides(base, "").to_dict() == base.to_dict()
+  with pytest.raises(KeyError, match="mapping.hidden_widht"):
+    bench_train_step._apply_overrides(base, "mapping.hidden_widht=64")
+  with pytest.raises(ValueError, match="key=value"):
+    bench_train_step._apply_overrides(base, "mapping.hidden_width")
