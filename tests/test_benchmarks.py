@@ -71,10 +71,10 @@ def test_train_step_bench_variant_overrides():
   from benchmarks import bench_train_step
   base = bench_train_step._load_config(os.path.join(REPO, "configs", "shapes_2400.py"))
   config = bench_train_step._apply_overrides(
-      base, "mapping.hidden_width=128,mapping.kind=triplane,optim.lr_mlp=2e-3")
-  assert config.mapping.hidden_width == 128 and config.mapping.kind == "triplane"
+      base, "mapping.hidden_width=128,mapping.kind=hypernet,optim.lr_mlp=2e-3")
+  assert config.mapping.hidden_width == 128 and config.mapping.kind == "hypernet"
   assert config.optim.lr_mlp == 2e-3
-  assert base.mapping.hidden_width == 32 and base.mapping.kind == "hypernet"
+  assert base.mapping.hidden_width == 32 and base.mapping.kind == "triplane"
   assert bench_train_step._apply_overrides(base, "").to_dict() == base.to_dict()
   with pytest.raises(KeyError, match="mapping.hidden_widht"):
     bench_train_step._apply_overrides(base, "mapping.hidden_widht=64")
