@@ -42,3 +42,5 @@ def test_silhouette_area_ratio_counts_pixels_over_all_views():
   mask[1, :2, :2] = 1.0  # 4 pixels
   assert float(metrics.silhouette_area_ratio(opacity, mask)) == pytest.approx(8 / 12)
   assert float(metrics.silhouette_area_ratio(opacity, np.zeros_like(mask))) == 8.0
+  per_image = np.asarray(metrics.silhouette_area_ratio(opacity, mask, axis=(1, 2)))
+  np.testing.assert_allclose(per_image, [8 / 8, 0 / 4])

@@ -89,6 +89,7 @@ def test_gt_renders_get_every_factor_right(cameras):
   rows = _scores(prompts, [scenes.parse_prompt(p) for p in prompts], cameras)
   for row in rows:
     assert row["r_hit"] and row["color_ok"] and row["iou"] == 1.0, row
+    assert row["area_ratio"] == 1.0, row
     assert all(row[name] for name in ("factor_color", "factor_shape", "factor_size",
                                       "factor_hat")), row
   assert rows[0]["factor_hat_color"] and rows[2]["factor_hat_color"]
@@ -131,3 +132,17 @@ def test_color_votes_ignore_the_hat(cameras):
   assert shapes_eval.color_of(images["rgb"][0], images["mask"][0]) == "blue"
   row, = shapes_eval.score_prompts([prompt], images["rgb"], images["mask"], cameras)
   assert row["color"] == "red" and row["color_ok"]
+
+
+def test_area_ratio_is_rendered_over_true_silhouette_area(cameras):
+  """Showing the default-size cube for "a small red cube" (and the reverse)
+  gives the ratio of the two GT silhouettes' pixel counts over all views."""
+  small, large = scenes.parse_prompt("a small red cube"), scenes.parse_prompt("a red cube")
+  masks = gt_geometry.scene_views([small, large], cameras, HEIGHT, WIDTH)["mask"] > 0.5
+  expected = masks[1].sum() / masks[0].sum()
+  rows = _scores(["a small red cube", "a red cube"], [large, small], cameras)
+  assert expected > 2.0  # (1 / 0.6)^2 in area, up to pixelation
+  assert rows[0]["area_ratio"] == pytest.approx(expected)
+  assert rows[1]["area_ratio"] == pytest.approx(1.0 / expected)
+  summary = shapes_eval.summarize(rows)
+  assert summary["area_ratio"] == pytest.approx((expected + 1.0 / expected) / 2)

@@ -27,11 +27,12 @@ def silhouette_iou(opacity, mask, threshold: float = 0.5):
   return jnp.where(union > 0, intersection / jnp.maximum(union, 1), 1.0)
 
 
-def silhouette_area_ratio(opacity, mask, threshold: float = 0.5):
+def silhouette_area_ratio(opacity, mask, threshold: float = 0.5, axis=None):
   """Rendered silhouette area (opacity > threshold) over the ground-truth mask's,
-  summed over all views: < 1 is an object too small or thin, > 1 too large."""
-  predicted = jnp.sum(jnp.asarray(opacity) > threshold)
-  return predicted / jnp.maximum(jnp.sum(jnp.asarray(mask) > 0.5), 1)
+  summed over `axis` (None: all views of all images): < 1 is an object too
+  small or thin, > 1 too large (e.g. a rim of half-opaque pixels around it)."""
+  predicted = jnp.sum(jnp.asarray(opacity) > threshold, axis=axis)
+  return predicted / jnp.maximum(jnp.sum(jnp.asarray(mask) > 0.5, axis=axis), 1)
 
 
 def bounding_box(vertices) -> np.ndarray:

@@ -64,7 +64,9 @@ FACTOR_METRICS = tuple(f"factor_{factor}" for factor in FACTORS)
 FACTOR_CHANCE = {"factor_color": 1 / len(scenes.COLORS), "factor_shape": 1 / len(scenes.SHAPES),
                  "factor_size": 1 / len(scenes.SIZES), "factor_hat": 1 / (1 + len(scenes.HATS)),
                  "factor_hat_color": 1 / len(scenes.COLORS)}
-METRIC_NAMES = ("r_precision", "iou", "psnr", "color_acc") + FACTOR_METRICS
+# area_ratio: rendered silhouette area over the GT's, over a prompt's views;
+# says whether the IoU lost is excess (> 1) or missing (< 1) silhouette.
+METRIC_NAMES = ("r_precision", "iou", "area_ratio", "psnr", "color_acc") + FACTOR_METRICS
 # Prompts per step of the batched color votes (bounds their memory).
 VOTE_BATCH = 16
 
@@ -170,7 +172,7 @@ def score_prompts(prompts: Sequence[str], rendered_rgb: np.ndarray, opacity: np.
     cameras: the V cameras of the renders.
 
   Returns:
-    one dict per prompt: prompt, psnr, iou, color, color_ok, retrieved
+    one dict per prompt: prompt, psnr, iou, area_ratio, color, color_ok, retrieved
     (the nearest prompt by GT renders), r_hit, nearest_scene (the nearest
     world scene's prompt) and FACTOR_METRICS (bool; None where the scene lacks
     the factor).
@@ -187,6 +189,8 @@ def score_prompts(prompts: Sequence[str], rendered_rgb: np.ndarray, opacity: np.
                      "render the prompts from the same cameras")
   psnr = np.mean(np.asarray(metrics.psnr(rendered_rgb, truth["rgb"])), axis=1)
   iou = np.mean(np.asarray(metrics.silhouette_iou(opacity, truth["mask"])), axis=1)
+  area_ratio = np.asarray(metrics.silhouette_area_ratio(opacity, truth["mask"],
+                                                        axis=(1, 2, 3)))
   votes = np.asarray(_color_votes(rendered_rgb,
                                   (opacity > 0.5) & (truth["part"] == gt_render.PART_OBJECT)))
 
@@ -216,6 +220,7 @@ def score_prompts(prompts: Sequence[str], rendered_rgb: np.ndarray, opacity: np.
         "prompt": prompt,
         "psnr": float(psnr[i]),
         "iou": float(iou[i]),
+        "area_ratio": float(area_ratio[i]),
         "color": color,
         "color_ok": color == scene.color,
         "retrieved": prompts[int(retrieved[i])],
@@ -246,6 +251,7 @@ def summarize(rows: Sequence[dict]) -> dict[str, Optional[float]]:
     return {name: float("nan") for name in METRIC_NAMES}
   summary = {"r_precision": float(np.mean([r["r_hit"] for r in rows])),
              "iou": float(np.mean([r["iou"] for r in rows])),
+             "area_ratio": float(np.mean([r["area_ratio"] for r in rows])),
              "psnr": float(np.mean([r["psnr"] for r in rows])),
              "color_acc": float(np.mean([r["color_ok"] for r in rows]))}
   for name in FACTOR_METRICS:
