@@ -1,0 +1,94 @@
+"""experiments/guidance_classifier.py: candidates, the denoising errors against a
+denoiser whose right answer is known, the summary, and a run of a tiny model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from att3d_jax.shapes import prompt_sets
+from att3d_jax.shapes import scenes
+from experiments import guidance_classifier
+
+
+def test_candidates_differ_in_the_factor_only():
+  scene = scenes.parse_prompt("a small blue torus wearing a red beanie")
+  candidates = guidance_classifier.candidate_scenes(scene, "shape")
+  assert [c.shape for c in candidates] == list(scenes.SHAPES)
+  assert scene in candidates
+  for candidate in candidates:
+    assert dataclasses.replace(candidate, shape=scene.shape) == scene
+  assert len(guidance_classifier.candidate_scenes(scene, "hat")) == len(scenes.HATS)
+  with pytest.raises(ValueError, match="no hat"):
+    guidance_classifier.candidate_scenes(scenes.parse_prompt("a blue torus"), "hat_color")
+  with pytest.raises(ValueError, match="unknown factor"):
+    guidance_classifier.candidate_scenes(scene, "texture")
+
+
+def test_choose_prompts_groups_by_value_in_order():
+  prompts = prompt_sets.load_prompt_set("shapes_2400").train
+  chosen = guidance_classifier.choose_prompts(prompts, "size", 3)
+  assert [scenes.parse_prompt(p).size for p in chosen] == ["", "", "", "small", "small", "small"]
+  assert chosen[:3] == [p for p in prompts if scenes.parse_prompt(p).size == ""][:3]
+  hats = guidance_classifier.choose_prompts(prompts, "hat", 2)
+  assert all(scenes.parse_prompt(p).hat is not None for p in hats)
+  with pytest.raises(ValueError, match="fewer than"):
+    guidance_classifier.choose_prompts(prompts[:10], "shape", 5)
+
+
+def test_denoising_errors_pick_the_caption_that_explains_the_image():
+  # A denoiser that reads the candidate's clean image from its "caption" and
+  # inverts x_t = sqrt(a) x + sqrt(1 - a) eps: exact for the true candidate.
+  alphas_cumprod = jnp.linspace(0.99, 0.05, 100)
+
+  def eps_fn(noisy, t, conditioning):
+    alpha = alphas_cumprod[t][:, None, None, None]
+    return (noisy - jnp.sqrt(alpha) * conditioning) / jnp.sqrt(1.0 - alpha)
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  num_views, num_candidates, size = 2, 3, 4
+  images = jax.random.normal(keys[0], (num_views, 3, size, size))
+  others = jax.random.normal(keys[1], (num_candidates, num_views, 3, size, size))
+  conditioning = others.at[1].set(images)  # candidate 1 is the truth
+  timesteps = jnp.asarray([10, 60], jnp.int32)
+  noise = jax.random.normal(keys[2], (2, num_views, 3, size, size))
+  errors = np.asarray(guidance_classifier.denoising_errors(
+      eps_fn, alphas_cumprod, images, conditioning, timesteps, noise))
+  assert errors.shape == (num_views, num_candidates, 2)
+  # Brute force for one entry: candidate 0, view 1, level 1.
+  alpha = float(alphas_cumprod[60])
+  noisy = np.sqrt(alpha) * images[1] + np.sqrt(1 - alpha) * noise[1, 1]
+  expected = np.mean(((noisy - np.sqrt(alpha) * others[0, 1]) / np.sqrt(1 - alpha)
+                      - noise[1, 1]) ** 2)
+  np.testing.assert_allclose(errors[1, 0, 1], expected, rtol=1e-5)
+  np.testing.assert_allclose(errors[:, 1], 0.0, atol=1e-8)
+  assert np.all(np.argmin(errors, axis=1) == 1)
+
+
+def test_summary_counts_choices_per_value_and_level():
+  # 2 prompts (truth: size "" and "small"), 1 view, 2 candidates [error at t0, t1].
+  errors = np.array([[[[0.1, 0.3], [0.2, 0.1]]],  # prompt 0: right at t0 only; sums 0.4 > 0.3
+                     [[[0.5, 0.4], [0.1, 0.2]]]])  # prompt 1: right at both; sums 0.9 > 0.3
+  summary = guidance_classifier.summarize(errors, np.array([0, 1]), "size", (0.2, 0.8))
+  assert summary["chance"] == 0.5
+  assert summary["per_value"][""]["accuracy_by_t"] == [1.0, 0.0]
+  assert summary["per_value"][""]["accuracy"] == 0.0
+  assert summary["per_value"][""]["chosen"] == {"small": 1}
+  assert summary["per_value"]["small"]["accuracy"] == 1.0
+  assert summary["per_value"]["small"]["chosen"] == {"small": 1}
+  assert summary["accuracy"] == 0.5
+  assert summary["accuracy_by_t"] == [1.0, 0.5]
+
+
+def test_run_on_a_tiny_model(tiny_shapes_model):
+  prompts = prompt_sets.load_prompt_set("shapes_2400").train
+  summary = guidance_classifier.run(tiny_shapes_model, prompts, "size", prompts_per_value=1,
+                                    num_views=2, t_fractions=(0.3, 0.9), seed=0)
+  assert summary["num_prompts"] == 2 and len(summary["view_labels"]) == 2
+  assert set(summary["per_value"]) == {"", "small"}
+  for row in summary["per_value"].values():
+    assert row["num_images"] == 2
+    assert 0.0 <= row["accuracy"] <= 1.0 and len(row["accuracy_by_t"]) == 2
+    assert sum(row["chosen"].values()) == 2
