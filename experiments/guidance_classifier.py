@@ -49,18 +49,6 @@ FACTOR_VALUES = {"color": tuple(scenes.COLORS), "shape": scenes.SHAPES,
                  "hat_color": tuple(scenes.COLORS)}
 DEFAULT_T_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", "weights/shapes", "diffusers folder of the model")
-_PROMPT_SET = flags.DEFINE_string("prompt_set", "shapes_2400",
-                                  "shapes-world prompt set whose training prompts are judged")
-_FACTOR = flags.DEFINE_enum("factor", "shape", list(FACTOR_VALUES), "the factor to classify")
-_PROMPTS_PER_VALUE = flags.DEFINE_integer("prompts_per_value", 8,
-                                          "training prompts per value of the factor")
-_NUM_VIEWS = flags.DEFINE_integer("num_views", 8, "random shapes-world cameras per prompt")
-_T_FRACTIONS = flags.DEFINE_list("t_fractions", [str(t) for t in DEFAULT_T_FRACTIONS],
-                                 "timesteps as fractions of the schedule")
-_SEED = flags.DEFINE_integer("seed", 0, "cameras and noise derive from it")
-_OUT_DIR = flags.DEFINE_string("out_dir", "runs/guidance_classifier", "where results.json goes")
-
 
 def candidate_scenes(scene: scenes.Scene, factor: str) -> list[scenes.Scene]:
   """The scenes that differ from `scene` in `factor` only, `scene` among them,
@@ -207,4 +195,17 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags here, not at import: the tests import every experiment into one
+  # process, and absl refuses a second definition of a name such as model_dir.
+  _MODEL_DIR = flags.DEFINE_string("model_dir", "weights/shapes", "diffusers folder of the model")
+  _PROMPT_SET = flags.DEFINE_string("prompt_set", "shapes_2400",
+                                    "shapes-world prompt set whose training prompts are judged")
+  _FACTOR = flags.DEFINE_enum("factor", "shape", list(FACTOR_VALUES), "the factor to classify")
+  _PROMPTS_PER_VALUE = flags.DEFINE_integer("prompts_per_value", 8,
+                                            "training prompts per value of the factor")
+  _NUM_VIEWS = flags.DEFINE_integer("num_views", 8, "random shapes-world cameras per prompt")
+  _T_FRACTIONS = flags.DEFINE_list("t_fractions", [str(t) for t in DEFAULT_T_FRACTIONS],
+                                   "timesteps as fractions of the schedule")
+  _SEED = flags.DEFINE_integer("seed", 0, "cameras and noise derive from it")
+  _OUT_DIR = flags.DEFINE_string("out_dir", "runs/guidance_classifier", "where results.json goes")
   app.run(main)

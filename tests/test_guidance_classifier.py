@@ -2,6 +2,10 @@
 denoiser whose right answer is known, the summary, and a run of a tiny model."""
 
 import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,8 @@ import pytest
 from att3d_jax.shapes import prompt_sets
 from att3d_jax.shapes import scenes
 from experiments import guidance_classifier
+
+import conftest
 
 
 def test_candidates_differ_in_the_factor_only():
@@ -92,3 +98,18 @@ def test_run_on_a_tiny_model(tiny_shapes_model):
     assert row["num_images"] == 2
     assert 0.0 <= row["accuracy"] <= 1.0 and len(row["accuracy_by_t"]) == 2
     assert sum(row["chosen"].values()) == 2
+
+
+def test_command_line_writes_results(tiny_shapes_model, tmp_path):
+  # The flags are defined only under __main__, so the entry point is run as a
+  # process; a flag clash with another experiment's would fail here.
+  command = [sys.executable, "-m", "experiments.guidance_classifier",
+             f"--model_dir={tiny_shapes_model}", "--factor=size", "--prompts_per_value=1",
+             "--num_views=1", "--t_fractions=0.5", f"--out_dir={tmp_path}"]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=conftest.env_without_xla_flags(),
+                          cwd=pathlib.Path(__file__).parent.parent)
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads((tmp_path / "results.json").read_text())
+  assert summary["factor"] == "size" and summary["num_prompts"] == 2
+  assert "small" in result.stdout and "all" in result.stdout
