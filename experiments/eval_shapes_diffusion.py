@@ -61,17 +61,6 @@ SUMMARY_COLUMNS = (("color", "color_acc"), ("shape", "shape_acc"),
                    ("(chance)", "view_exact_chance"))
 
 
-def image_size_of(model: diffusion.ShapesDiffusionModel) -> int:
-  """The square image size the UNet was trained at (its config's sample_size)."""
-  size = model.unet.config.sample_size
-  if isinstance(size, (tuple, list)) and len(set(size)) == 1:
-    size = size[0]
-  if not isinstance(size, int):
-    raise ValueError(f"the UNet in {model.model_dir!r} has sample_size={size!r}; the "
-                     "shapes world needs one square size (e.g. 32) in unet/config.json")
-  return size
-
-
 def make_sampler(model: diffusion.ShapesDiffusionModel, num_steps: int, image_size: int):
   """One jitted DDIM sampler for every batch and CFG weight:
   (key, conditioning [BATCH_SIZE, 1 + L, D], guidance_scale []) -> images
@@ -165,7 +154,7 @@ def evaluate(model_dir: str, guidance_scales: Sequence[float], views: Sequence[s
   timings = {}
   evaluation_start = start = time.time()
   model = diffusion.ShapesDiffusionModel(model_dir)
-  image_size = image_size_of(model)
+  image_size = model.image_size
   captions = judge_lib.color_shape_captions(views)
   conditioning = model.conditioning(captions)
   timings["load_and_encode_s"] = time.time() - start

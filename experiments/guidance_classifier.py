@@ -145,8 +145,7 @@ def run(model_dir: str, prompts: Sequence[str], factor: str, prompts_per_value: 
   chosen = choose_prompts(prompts, factor, prompts_per_value)
   key = jax.random.PRNGKey(seed)
   camera_key, noise_key = jax.random.split(key)
-  size = model.unet.config.sample_size
-  size = size[0] if isinstance(size, (tuple, list)) else size
+  size = model.image_size
   cameras = cameras_lib.sample_cameras(
       camera_key, num_views, scenes.CAMERA_ELEVATION_RANGE_DEG, scenes.CAMERA_AZIMUTH_RANGE_DEG,
       scenes.CAMERA_DISTANCE_RANGE, scenes.CAMERA_FOV_Y_RANGE_DEG)

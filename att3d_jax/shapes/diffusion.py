@@ -102,6 +102,17 @@ class ShapesDiffusionModel:
     # Loaded on first use: a run whose text tables are precomputed never needs MiniLM.
     return minilm.MiniLMEncoder.from_package(max_length=self.text_config["max_length"])
 
+  @property
+  def image_size(self) -> int:
+    """The square image size the UNet was trained at (its config's sample_size)."""
+    size = self.unet.config.sample_size
+    if isinstance(size, (tuple, list)) and len(set(size)) == 1:
+      size = size[0]
+    if not isinstance(size, int):
+      raise ValueError(f"the UNet in {self.model_dir!r} has sample_size={size!r}; the "
+                       "shapes world needs one square size (e.g. 32) in unet/config.json")
+    return size
+
   def eps_fn(self) -> schedule.EpsFn:
     return make_eps_fn(self.unet.module, self.unet.params)
 
