@@ -50,12 +50,17 @@ FACTOR_VALUES = {"color": tuple(scenes.COLORS), "shape": scenes.SHAPES,
 DEFAULT_T_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+def factor_applies(scene: scenes.Scene, factor: str) -> bool:
+  """Whether `scene` has `factor` to change: a hatless scene has no hat or hat color."""
+  return scene.hat is not None or factor not in ("hat", "hat_color")
+
+
 def candidate_scenes(scene: scenes.Scene, factor: str) -> list[scenes.Scene]:
   """The scenes that differ from `scene` in `factor` only, `scene` among them,
-  in FACTOR_VALUES order. A hatless scene has no hat or hat color to change."""
+  in FACTOR_VALUES order."""
   if factor not in FACTOR_VALUES:
     raise ValueError(f"unknown factor {factor!r}; expected one of {tuple(FACTOR_VALUES)}")
-  if factor in ("hat", "hat_color") and scene.hat is None:
+  if not factor_applies(scene, factor):
     raise ValueError(f"{scenes.prompt_of(scene)!r} has no hat: factor {factor!r} does not apply")
   return [dataclasses.replace(scene, **{factor: value}) for value in FACTOR_VALUES[factor]]
 
@@ -67,9 +72,8 @@ def choose_prompts(prompts: Sequence[str], factor: str, per_value: int) -> list[
   by_value = collections.defaultdict(list)
   for prompt in prompts:
     scene = scenes.parse_prompt(prompt)
-    if factor in ("hat", "hat_color") and scene.hat is None:
-      continue
-    by_value[getattr(scene, factor)].append(prompt)
+    if factor_applies(scene, factor):
+      by_value[getattr(scene, factor)].append(prompt)
   missing = [value for value in FACTOR_VALUES[factor] if len(by_value[value]) < per_value]
   if missing:
     raise ValueError(f"fewer than {per_value} prompts with {factor} in {missing}")
