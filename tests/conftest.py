@@ -1,8 +1,10 @@
 """Shared fixtures: tiny random models built here (nothing is downloaded)."""
 
+import contextlib
 import os
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +19,35 @@ def env_without_xla_flags(**extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(extra)
   return env
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(cache_dir: str):
+  """JAX's persistent XLA cache at `cache_dir` for every program, however fast
+  it compiles; the previous settings are restored after. Runs in one test
+  module that build the same train step, renderer or GT renderer again (each
+  `train.train_and_evaluate` jits afresh) then compile it once."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  previous = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def module_compilation_cache(tmp_path_factory):
+  """A persistent XLA cache shared by one test module's tests; a module opts in
+  with `pytestmark = pytest.mark.usefixtures("module_compilation_cache")`."""
+  with persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
+    yield
 
 
 def random_shapes_export(folder, seed: int = 0):

@@ -35,6 +35,9 @@ from configs import shapes as shapes_config
 
 import test_train
 
+# The in-process runs train and resume the same tiny config several times.
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NUM_STEPS = 16  # of the subprocess runs; one checkpoint every 2 steps
 INTERRUPT_AFTER = 6  # kill or SIGTERM once this step's checkpoint exists

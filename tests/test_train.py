@@ -28,6 +28,10 @@ from configs import shapes as shapes_config
 
 import test_tensorboard
 
+# Its runs (resumed, repeated, preempted) build the same train step and
+# evaluation again and again: one persistent XLA cache compiles each once.
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_RGB = (0.9, 0.1, 0.1)  # what the oracle guidance pulls every render toward
 TEXT_LENGTH, TEXT_WIDTH = 3, 8
