@@ -206,9 +206,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluation.write_outputs(config, model, guidance, params, stats, train_tables,
                              np.arange(num_show), workdir / "outputs" / "train")
     if heldout_tables is not None and model.mapping.generalizes:
+      num_heldout = len(heldout_tables.prompts)
+      num_show = min(config.eval.num_heldout_outputs or num_heldout, num_heldout)
       evaluation.write_outputs(config, model, guidance, params, stats, heldout_tables,
-                               np.arange(len(heldout_tables.prompts)),
-                               workdir / "outputs" / "heldout")
+                               np.arange(num_show), workdir / "outputs" / "heldout")
     tensorboard.add_image_folder(writer, "outputs", workdir / "outputs", step)
   writer.close()
   return results

@@ -140,7 +140,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.max_train_prompts = 64  # evaluate at most this many training prompts
   config.eval.max_heldout_prompts = 0  # ... and held-out prompts (0 = all)
   config.eval.write_outputs = True  # turntables and meshes
-  config.eval.num_train_outputs = 8  # of the training prompts (all held-out ones)
+  config.eval.num_train_outputs = 8  # of the first training prompts
+  config.eval.num_heldout_outputs = 0  # ... and held-out prompts (0 = all)
   config.eval.turntable_frames = 24
   config.eval.turntable_size = 64
   config.eval.mesh_resolution = 64

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -348,9 +349,13 @@ def test_quick_main_writes_eval_json_and_outputs(tiny_shapes_model, tmp_path):
   events = test_tensorboard.read_events(tmp_path / "tensorboard")
   assert {"eval/train/iou", "eval/heldout/iou", "eval/per_prompt/text_summary"} <= set(events)
   assert sum(tag.startswith("outputs/heldout/") for tag in events) == 8  # contact sheets
-  # A second run resumes at the end: nothing left to train, same metrics.
+  # A second run resumes at the end: nothing left to train, same metrics; it
+  # writes the outputs again, of the first 3 held-out prompts when told so.
+  shutil.rmtree(tmp_path / "outputs")
+  config.eval.num_heldout_outputs = 3
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again["train"] == results["train"]
+  assert len(list(heldout_dir.glob("*.gif"))) == 3
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny_shapes_model, tmp_path):
