@@ -4,11 +4,12 @@ import contextlib
 import os
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from att3d_jax import compilation_cache
 from att3d_jax.guidance import unet as unet_lib
 from configs import shapes_diffusion as shapes_diffusion_config
 
@@ -24,22 +25,21 @@ def env_without_xla_flags(**extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def persistent_compilation_cache(cache_dir: str):
   """JAX's persistent XLA cache at `cache_dir` for every program, however fast
-  it compiles; the previous settings are restored after. Runs in one test
+  it compiles (the CLIs' `compilation_cache.enable`, whose settings `names`
+  lists); the previous settings are restored after. Runs in one test
   module that build the same train step, renderer or GT renderer again (each
   `train.train_and_evaluate` jits afresh) then compile it once."""
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
            "jax_persistent_cache_min_entry_size_bytes")
   previous = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.reset_cache()
+  compilation_cache.enable(cache_dir, min_compile_seconds=0.0)
+  jax_compilation_cache.reset_cache()
   try:
     yield
   finally:
     for name, value in previous.items():
       jax.config.update(name, value)
-    compilation_cache.reset_cache()
+    jax_compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
