@@ -331,6 +331,25 @@ def batch_index(config: ml_collections.ConfigDict, num_prompts: int, step: int) 
   return np.asarray(jax.random.randint(index_key, (rows, k), 0, num_prompts))
 
 
+def annealed_guidance_scale(config: ml_collections.ConfigDict, step: int) -> float:
+  """The fixed CFG weight at `step`: config.guidance.scale, annealed linearly to
+  config.guidance.scale_final over train.num_steps when that is > 0.
+
+  CFG inflates silhouettes, more so the higher the weight (docs/results/README.md,
+  "The halo is classifier-free guidance"): a high weight early learns the prompt's
+  factors, a lower one late lets the silhouettes settle nearer the true size.
+  """
+  start, final = config.guidance.scale, config.guidance.get("scale_final", 0.0)
+  if final <= 0:
+    return float(start)
+  if config.guidance.amortize_scale:
+    raise ValueError(f"--config.guidance.scale_final={final} anneals the fixed CFG weight, but "
+                     "guidance.amortize_scale samples it per row from guidance.scale_range; "
+                     "set scale_final=0 or amortize_scale=False")
+  fraction = min(max(step / config.train.num_steps, 0.0), 1.0)
+  return float(start + (final - start) * fraction)
+
+
 def sample_batch(config: ml_collections.ConfigDict, tables: PromptTables, step: int) -> dict:
   """The batch of `step`: B rows of k prompts each, drawn from (seed, step) alone.
 
@@ -354,11 +373,12 @@ def sample_batch(config: ml_collections.ConfigDict, tables: PromptTables, step: 
     weights = np.asarray(interpolation.sample_weights(alpha_key, k, config.interpolation.kappa,
                                                       rows))
     alpha = np.where(mixed[:, None], weights, alpha)
+  fixed_scale = annealed_guidance_scale(config, step)
   if config.guidance.amortize_scale:
     scale = np.asarray(interpolation.sample_guidance_weight(scale_key, rows,
                                                             *config.guidance.scale_range))
   else:
-    scale = np.full((rows,), config.guidance.scale, np.float32)
+    scale = np.full((rows,), fixed_scale, np.float32)
   embedding = np.einsum("bk,bkd->bd", alpha, tables.embedding[index])
   conditioning = tables.conditioning[index].astype(np.float32)
   if isinstance(tables.conditioning, LazyRows):

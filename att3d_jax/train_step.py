@@ -173,6 +173,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: model_lib.ATT3DMod
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(new_state["params"]),
         "t_max": t_range[1],
+        "guidance_scale": jnp.mean(batch["guidance_scale"]),  # the CFG weight (mean of rows)
         "finite": finite,
         "opacity_mean": jnp.mean(jnp.linalg.norm(
             images - jnp.asarray(guidance.background_color), axis=-1) > 0.1),

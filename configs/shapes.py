@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.guidance.kind = "shapes"  # the embedded shapes-world model
   config.guidance.path = "weights/shapes"  # diffusers folder; weights/<name> = shipped (assets.py)
   config.guidance.scale = 5.0  # classifier-free guidance weight
+  # > 0: the weight anneals linearly from `scale` to this over training (as t_max
+  # does); 0 = constant. Not with amortize_scale, which samples the weight per row.
+  config.guidance.scale_final = 0.0
   config.guidance.amortize_scale = False  # sample the weight per row, feed it to the mapping
   config.guidance.scale_range = (2.0, 10.0)  # ... uniformly from this range
   # The weight's share of the mapping input's norm, relative to the text's (amortize/model.py).

@@ -1,6 +1,7 @@
 """Lazy text tables (prompt_data.lazy_prompt_tables): rows equal the eager
 tables' whatever the request pattern, eviction and prefetching; the cache stays
-within its byte budget; the sampled text standardization is close to the full one."""
+within its byte budget; the sampled text standardization is close to the full one;
+the batches' CFG weight follows guidance.scale_final's schedule."""
 
 import zlib
 
@@ -119,6 +120,25 @@ def test_lazy_batches_equal_eager_batches_and_prefetch_fills_the_cache():
   assert all((kind, prompts[i]) in cache for i in index.reshape(-1)
              for kind in ("embedding", "conditioning"))
   assert prompt_data.prefetch(eager, index) is None
+
+
+def test_guidance_scale_anneals_linearly_to_scale_final():
+  from tests import test_train  # pylint: disable=g-import-not-at-top
+  config = test_train.quick_config(guidance__scale=5.0, guidance__scale_final=2.0,
+                                   train__num_steps=8)
+  tables = prompt_data.prompt_tables(test_train.oracle_guidance(),
+                                     prompt_data.load_prompts(config).train)
+  rows = config.batch.prompts_per_step
+  for step, want in ((0, 5.0), (2, 4.25), (4, 3.5), (8, 2.0), (12, 2.0)):
+    np.testing.assert_allclose(prompt_data.sample_batch(config, tables, step)["guidance_scale"],
+                               np.full((rows,), want, np.float32), err_msg=f"step {step}")
+  config.guidance.scale_final = 0.0  # constant
+  np.testing.assert_array_equal(prompt_data.sample_batch(config, tables, 4)["guidance_scale"],
+                                np.full((rows,), 5.0, np.float32))
+  config.guidance.scale_final = 2.0
+  config.guidance.amortize_scale = True  # the weight is sampled: a schedule would be ignored
+  with pytest.raises(ValueError, match="scale_final"):
+    prompt_data.sample_batch(config, tables, 0)
 
 
 def test_normalization_rows():
