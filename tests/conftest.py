@@ -1,7 +1,11 @@
 """Shared fixtures: tiny random models built here (nothing is downloaded)."""
 
 import contextlib
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
@@ -20,6 +24,28 @@ def env_without_xla_flags(**extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(extra)
   return env
+
+
+def run_experiment(module: str, flags: list[str], out_dir) -> tuple[dict, str]:
+  """Runs `python -m <module> <flags> --out_dir=<out_dir>` from the repository
+  root and returns (its results.json, its stdout). A process, because the
+  experiments define their flags only under __main__: a flag clash with
+  another experiment's fails here, not at import."""
+  result = subprocess.run([sys.executable, "-m", module, *flags, f"--out_dir={out_dir}"],
+                          capture_output=True, text=True, timeout=300,
+                          env=env_without_xla_flags(), cwd=pathlib.Path(__file__).parent.parent)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return json.loads((pathlib.Path(out_dir) / "results.json").read_text()), result.stdout
+
+
+def caption_image_denoiser(alphas_cumprod: jax.Array):
+  """A denoiser whose known answer is its "caption": it reads the clean image
+  from the conditioning [N, 3, H, W] and inverts x_t = sqrt(a) x + sqrt(1 - a) eps,
+  so its one-step estimate of x is the caption, at every t and noise."""
+  def eps_fn(noisy, t, conditioning):
+    alpha = alphas_cumprod[t][:, None, None, None]
+    return (noisy - jnp.sqrt(alpha) * conditioning) / jnp.sqrt(1.0 - alpha)
+  return eps_fn
 
 
 @contextlib.contextmanager

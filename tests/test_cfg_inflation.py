@@ -1,11 +1,6 @@
 """experiments/cfg_inflation.py: the guided foreground against brute force with a
 denoiser whose answer is known, and a command-line run of a tiny model."""
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,15 +11,10 @@ import conftest
 
 
 def test_guided_foreground_matches_brute_force():
-  # A denoiser that reads its estimate of the clean image from the "caption" and
-  # inverts x_t = sqrt(a) x + sqrt(1 - a) eps: x0_hat is the caption's image, so
-  # the guided estimate is u + w (c - u) for captions c and the empty one u.
+  # x0_hat of this denoiser is its caption's image, so the guided estimate is
+  # u + w (c - u) for captions c and the empty one u.
   alphas_cumprod = jnp.linspace(0.99, 0.05, 100)
-
-  def eps_fn(noisy, t, conditioning):
-    alpha = alphas_cumprod[t][:, None, None, None]
-    return (noisy - jnp.sqrt(alpha) * conditioning) / jnp.sqrt(1.0 - alpha)
-
+  eps_fn = conftest.caption_image_denoiser(alphas_cumprod)
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   batch, size = 3, 5
   captions = jax.random.uniform(keys[0], (batch, 3, size, size), minval=-1.0, maxval=1.0)
@@ -50,18 +40,12 @@ def test_guided_foreground_matches_brute_force():
 
 
 def test_command_line_writes_results(tiny_shapes_model, tmp_path):
-  # The flags are defined only under __main__, so the entry point is run as a
-  # process; a flag clash with another experiment's would fail here.
-  command = [sys.executable, "-m", "experiments.cfg_inflation",
-             f"--model_dir={tiny_shapes_model}", "--every=200", "--weights=1,5",
-             "--t_fractions=0.5", "--num_noise=1", f"--out_dir={tmp_path}"]
-  result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env=conftest.env_without_xla_flags(),
-                          cwd=pathlib.Path(__file__).parent.parent)
-  assert result.returncode == 0, result.stderr[-2000:]
-  summary = json.loads((tmp_path / "results.json").read_text())
+  summary, stdout = conftest.run_experiment(
+      "experiments.cfg_inflation", [f"--model_dir={tiny_shapes_model}", "--every=200",
+                                    "--weights=1,5", "--t_fractions=0.5", "--num_noise=1"],
+      tmp_path)
   assert summary["num_prompts"] == 2 and summary["gt_area_pixels"] > 0
   assert set(summary["area_ratio"]) == {"1.0", "5.0"}
   for row in summary["area_ratio"].values():
     assert set(row) == {"0.5"} and np.isfinite(row["0.5"]) and row["0.5"] >= 0.0
-  assert "CFG weight" in result.stdout
+  assert "CFG weight" in stdout

@@ -2,10 +2,6 @@
 denoiser whose right answer is known, the summary, and a run of a tiny model."""
 
 import dataclasses
-import json
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +44,7 @@ def test_denoising_errors_pick_the_caption_that_explains_the_image():
   # A denoiser that reads the candidate's clean image from its "caption" and
   # inverts x_t = sqrt(a) x + sqrt(1 - a) eps: exact for the true candidate.
   alphas_cumprod = jnp.linspace(0.99, 0.05, 100)
-
-  def eps_fn(noisy, t, conditioning):
-    alpha = alphas_cumprod[t][:, None, None, None]
-    return (noisy - jnp.sqrt(alpha) * conditioning) / jnp.sqrt(1.0 - alpha)
-
+  eps_fn = conftest.caption_image_denoiser(alphas_cumprod)
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   num_views, num_candidates, size = 2, 3, 4
   images = jax.random.normal(keys[0], (num_views, 3, size, size))
@@ -101,15 +93,9 @@ def test_run_on_a_tiny_model(tiny_shapes_model):
 
 
 def test_command_line_writes_results(tiny_shapes_model, tmp_path):
-  # The flags are defined only under __main__, so the entry point is run as a
-  # process; a flag clash with another experiment's would fail here.
-  command = [sys.executable, "-m", "experiments.guidance_classifier",
-             f"--model_dir={tiny_shapes_model}", "--factor=size", "--prompts_per_value=1",
-             "--num_views=1", "--t_fractions=0.5", f"--out_dir={tmp_path}"]
-  result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env=conftest.env_without_xla_flags(),
-                          cwd=pathlib.Path(__file__).parent.parent)
-  assert result.returncode == 0, result.stderr[-2000:]
-  summary = json.loads((tmp_path / "results.json").read_text())
+  summary, stdout = conftest.run_experiment(
+      "experiments.guidance_classifier",
+      [f"--model_dir={tiny_shapes_model}", "--factor=size", "--prompts_per_value=1",
+       "--num_views=1", "--t_fractions=0.5"], tmp_path)
   assert summary["factor"] == "size" and summary["num_prompts"] == 2
-  assert "small" in result.stdout and "all" in result.stdout
+  assert "small" in stdout and "all" in stdout
