@@ -121,10 +121,11 @@ def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
   num_timesteps = model.alphas_cumprod.shape[0]
   timesteps = jnp.asarray([int(round(t * (num_timesteps - 1))) for t in t_fractions], jnp.int32)
   noise = jax.random.normal(noise_key, (len(t_fractions), num_noise) + images.shape)
+  uncond = jnp.zeros_like(conditioning[:1])  # the unconditional input, as in diffusion.as_guidance
   areas = np.asarray(guided_foreground(
-      model.eps_fn(), model.alphas_cumprod, images, conditioning,
-      jnp.zeros_like(conditioning[:1]), timesteps, noise, jnp.asarray(weights, jnp.float32),
-      jnp.asarray(scenes.BACKGROUND_RGB, jnp.float32), threshold))
+      model.eps_fn(), model.alphas_cumprod, images, conditioning, uncond, timesteps, noise,
+      jnp.asarray(weights, jnp.float32), jnp.asarray(scenes.BACKGROUND_RGB, jnp.float32),
+      threshold))
   ratio = areas.mean(axis=2) / gt_area  # [W, T]
   return {"area_ratio": {str(w): {str(t): float(r) for t, r in zip(t_fractions, row)}
                          for w, row in zip(weights, ratio)},
