@@ -373,7 +373,7 @@ def sample_batch(config: ml_collections.ConfigDict, tables: PromptTables, step: 
     weights = np.asarray(interpolation.sample_weights(alpha_key, k, config.interpolation.kappa,
                                                       rows))
     alpha = np.where(mixed[:, None], weights, alpha)
-  fixed_scale = annealed_guidance_scale(config, step)
+  fixed_scale = annealed_guidance_scale(config, step)  # also refuses a schedule with amortize_scale
   if config.guidance.amortize_scale:
     scale = np.asarray(interpolation.sample_guidance_weight(scale_key, rows,
                                                             *config.guidance.scale_range))

@@ -15,7 +15,8 @@ several CFG weights w (both branches come from one UNet call, so every weight
 sees the same x_t), and reports the foreground area of x0_hat (pixels farther
 than --threshold from the background color in [0, 1] RGB) over the GT
 masks' area, per weight and noise level. (w = 1 is the conditional model
-alone.) Measurements: docs/results/README.md ("Compositional scale").
+alone.) Measurements: docs/results/README.md ("The halo is classifier-free
+guidance").
 
   python -m experiments.cfg_inflation --out_dir=runs/cfg_inflation
 
