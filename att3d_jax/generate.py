@@ -46,7 +46,6 @@ from att3d_jax.shapes import prompt_sets
 from att3d_jax.shapes import scenes
 
 SHIPPED_MODEL = assets.shipped("att3d_shapes")
-PARAMS_FILE = "params.msgpack"
 
 
 class TrainedModel(NamedTuple):
@@ -65,7 +64,7 @@ def export_model(workdir: str, out_dir: str) -> pathlib.Path:
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "config.json").write_text((workdir / "config.json").read_text())
   payload = flax.serialization.to_bytes({"params": trained.params, "stats": trained.stats})
-  (out_dir / PARAMS_FILE).write_bytes(payload)
+  (out_dir / checkpoints.PARAMS_FILE).write_bytes(payload)
   return out_dir
 
 
@@ -81,18 +80,8 @@ def load_trained(path: str, guidance_path: Optional[str] = None) -> TrainedModel
     config.guidance.path = guidance_path
   built = build_lib.build(config, for_training=False)
   model, state = built.model, built.state
-  if (path / PARAMS_FILE).is_file():
-    restored = flax.serialization.from_bytes({"params": state["params"], "stats": state["stats"]},
-                                             (path / PARAMS_FILE).read_bytes())
-    params, stats = restored["params"], restored["stats"]
-  elif (path / checkpoints.CHECKPOINT_DIR).is_dir():
-    manager = checkpoints.checkpoint_manager(path, config.train.keep_checkpoints)
-    restored = checkpoints.restore_latest(manager, state)
-    if int(restored["step"]) == 0:
-      raise FileNotFoundError(f"no readable checkpoint under {path / checkpoints.CHECKPOINT_DIR}")
-    params, stats = restored["params"], restored["stats"]
-  else:
-    raise FileNotFoundError(f"{path} holds neither {PARAMS_FILE} nor {checkpoints.CHECKPOINT_DIR}/")
+  loaded = checkpoints.load_params(path, {"params": state["params"], "stats": state["stats"]})
+  params, stats = loaded["params"], loaded["stats"]
   return TrainedModel(config, model, params, stats, built.guidance, built.prompt_set.train)
 
 

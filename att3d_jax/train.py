@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from att3d_jax import assets
 from att3d_jax import build as build_lib
 from att3d_jax import checkpoints
 from att3d_jax import evaluation
@@ -33,6 +34,44 @@ from att3d_jax import tensorboard
 def frames_per_prompt(config: ml_collections.ConfigDict, step: int, num_prompts: int) -> float:
   """ATT3D's compute axis: rendered frames per training prompt after `step` steps."""
   return step * config.batch.prompts_per_step * config.batch.views_per_prompt / num_prompts
+
+
+# The config sections that make a model's arrays: init_from names those of the
+# source that differ (its arrays must fit; their meaning may have changed).
+MODEL_SECTIONS = ("mapping", "hashgrid", "field", "guidance.amortize_scale")
+
+
+def initialize_from(config: ml_collections.ConfigDict, model, state: dict) -> dict:
+  """`state` with the params and stats (the mapping's text standardization and
+  spectral-norm vectors) of config.train.init_from: an exported model folder, a
+  training workdir, or weights/<name> (a shipped model). The optimizer state,
+  the step and every schedule start fresh, so a fine-tune of N steps is
+  `--config.train.num_steps=N`; frames per prompt count this run's steps only.
+
+  Raises:
+    FileNotFoundError: the source holds no config.json or no weights.
+    ValueError: its weights do not fit this config's model, or a per-prompt
+      model would start from the grids of other prompts.
+  """
+  flag = f"--config.train.init_from={config.train.init_from!r}"
+  source = pathlib.Path(assets.resolve(config.train.init_from))
+  if not (source / "config.json").is_file():
+    raise FileNotFoundError(f"{flag}: {source} holds no config.json; pass an exported "
+                            "model folder or a training workdir")
+  source_config = json.loads((source / "config.json").read_text())
+  if not model.mapping.generalizes:
+    _, differing = checkpoints.config_differences(source_config, config, ("prompts",))
+    if differing:
+      raise ValueError(f"{flag}: a mapping.kind={config.mapping.kind!r} model holds one grid "
+                       "per training prompt, so it can start only from a model of the same "
+                       f"prompts ({differing[0]})")
+  loaded = checkpoints.load_params(source, {"params": state["params"], "stats": state["stats"]})
+  _, differing = checkpoints.config_differences(source_config, config, MODEL_SECTIONS)
+  print(f"initialized the params and stats from {source}"
+        + (f"; its model config differs in {'; '.join(differing)}" if differing else ""),
+        flush=True)
+  return {**state, **jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded,
+                                  {name: state[name] for name in loaded})}
 
 
 class Preemption:
@@ -93,6 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   unreadable = [step for step in manager.all_steps() if step > int(state["step"])]
   if unreadable:
     checkpoints.set_aside(manager, unreadable)
+  if int(state["step"]) == 0 and config.train.get("init_from"):
+    state = initialize_from(config, model, state)
   writes = jax.process_index() == 0  # logs, samples, eval.json, outputs
   if writes:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

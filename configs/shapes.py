@@ -117,6 +117,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.log_every = 50
   config.train.checkpoint_every = 250
   config.train.keep_checkpoints = 3
+  # Fine-tuning: a fresh run starts from the params and stats of this exported
+  # model folder, training workdir or weights/<name> (a shipped model) instead
+  # of a random init; optimizer, step and schedules start fresh
+  # (train.initialize_from). Its model config must make the same arrays. "" = off.
+  config.train.init_from = ""
   config.train.sample_every = 500  # preview PNG in workdir/samples; 0 = never
   config.train.max_nan_streak = 20  # abort after this many consecutive skipped steps
   config.train.progress_bar = True

@@ -26,6 +26,7 @@ import pytest
 import trimesh
 
 from att3d_jax import build as build_lib
+from att3d_jax import checkpoints
 from att3d_jax import demo
 from att3d_jax import generate
 from att3d_jax import names
@@ -133,7 +134,7 @@ def test_guidance_weight_slider_for_a_model_amortized_over_it(tiny_shapes_model,
   exported = tmp_path / "model"
   exported.mkdir()
   (exported / "config.json").write_text(config.to_json_best_effort())
-  (exported / generate.PARAMS_FILE).write_bytes(flax.serialization.to_bytes(
+  (exported / checkpoints.PARAMS_FILE).write_bytes(flax.serialization.to_bytes(
       {"params": state["params"], "stats": state["stats"]}))
   app = demo.Demo(generate.load_trained(str(exported)), tmp_path / "out", num_frames=4,
                   mesh_resolution=16)

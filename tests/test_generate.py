@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from att3d_jax import build
+from att3d_jax import checkpoints
 from att3d_jax import evaluation
 from att3d_jax import generate
 from att3d_jax import names
@@ -19,8 +20,8 @@ from configs import shapes as shapes_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def trained_dir(tiny_shapes_model, tmp_path_factory):
+def _run_config(tiny_shapes_model):
+  """configs/shapes.py:quick on the tiny guidance model: 2 steps, a small eval."""
   config = shapes_config.get_config("quick")
   config.guidance.path = tiny_shapes_model
   config.train.num_steps = 2
@@ -28,6 +29,12 @@ def trained_dir(tiny_shapes_model, tmp_path_factory):
   config.eval.write_outputs = False
   config.eval.elevations_deg = (20.0,)
   config.eval.views_per_elevation = 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tiny_shapes_model, tmp_path_factory):
+  config = _run_config(tiny_shapes_model)
   workdir = tmp_path_factory.mktemp("att3d_run")
   train.train_and_evaluate(config, str(workdir))
   return workdir
@@ -39,7 +46,7 @@ def test_export_keeps_params_and_drops_optimizer_state(trained_dir, tmp_path):
   from_export = generate.load_trained(str(exported))
   jax.tree.map(np.testing.assert_array_equal, from_workdir.params, from_export.params)
   jax.tree.map(np.testing.assert_array_equal, from_workdir.stats, from_export.stats)
-  size = (exported / generate.PARAMS_FILE).stat().st_size
+  size = (exported / checkpoints.PARAMS_FILE).stat().st_size
   checkpoint_size = sum(p.stat().st_size for p in (trained_dir / "checkpoints").rglob("*")
                         if p.is_file()) / len(list((trained_dir / "checkpoints").iterdir()))
   assert size < checkpoint_size
@@ -80,6 +87,79 @@ def test_interpolation_writes_video_and_strip(trained_dir, tmp_path):
                                num_frames=4)
   assert strip.is_file()
   assert (tmp_path / "a_red_cube_to_a_blue_torus.mp4").is_file()
+
+
+def test_fine_tune_starts_from_an_exported_model(trained_dir, tiny_shapes_model, tmp_path,
+                                                 capsys):
+  """train.init_from: the run's first params are the source's (a 1-step run at
+  learning rate 0 ends with them), the optimizer starts fresh."""
+  exported = generate.export_model(str(trained_dir), str(tmp_path / "export"))
+  source = generate.load_trained(str(exported))
+  config = _run_config(tiny_shapes_model)
+  config.train.init_from = str(exported)
+  config.train.num_steps = 1
+  config.optim.lr_mapping = config.optim.lr_mlp = 0.0
+  train.train_and_evaluate(config, str(tmp_path / "fine_tune"))
+  assert f"initialized the params and stats from {exported}" in capsys.readouterr().out
+  tuned = generate.load_trained(str(tmp_path / "fine_tune"))
+  jax.tree.map(np.testing.assert_array_equal, tuned.params, source.params)
+  fresh = build.build(config, for_training=False).state["params"]  # a random init differs
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, fresh, source.params)))
+
+
+def test_initialize_from_a_workdir_keeps_a_fresh_optimizer(trained_dir, tiny_shapes_model):
+  config = _run_config(tiny_shapes_model)
+  config.train.init_from = str(trained_dir)
+  built = build.build(config, for_training=False)
+  state = train.initialize_from(config, built.model, built.state)
+  source = generate.load_trained(str(trained_dir))
+  jax.tree.map(np.testing.assert_array_equal, (state["params"], state["stats"]),
+               (source.params, source.stats))
+  assert int(state["step"]) == 0
+  jax.tree.map(np.testing.assert_array_equal, state["opt_state"], built.state["opt_state"])
+
+
+def test_weights_of_another_model_config_are_refused(trained_dir, tiny_shapes_model, tmp_path):
+  """An export whose config.json is not the one its params were made with (and
+  init_from with another model config) fail naming the arrays, not later."""
+  other = _run_config(tiny_shapes_model)
+  other.hashgrid.log2_table_size = 10
+  exported = generate.export_model(str(trained_dir), str(tmp_path / "export"))
+  (exported / "config.json").write_text(other.to_json_best_effort())
+  message = r"do not fit this config's model \(\d+ of \d+ arrays differ: \['params'\]"
+  with pytest.raises(ValueError, match=message):
+    generate.load_trained(str(exported))
+  other.train.init_from = str(trained_dir)
+  built = build.build(other, for_training=False)
+  with pytest.raises(ValueError, match="do not fit this config's model"):
+    train.initialize_from(other, built.model, built.state)
+
+
+def test_corrupt_or_missing_weights_are_named(trained_dir, tiny_shapes_model, tmp_path):
+  exported = generate.export_model(str(trained_dir), str(tmp_path / "export"))
+  params_file = exported / checkpoints.PARAMS_FILE
+  params_file.write_bytes(params_file.read_bytes()[:100])
+  with pytest.raises(ValueError, match="not a readable export"):
+    generate.load_trained(str(exported))
+  config = _run_config(tiny_shapes_model)
+  config.train.init_from = str(tmp_path / "nowhere")
+  built = build.build(config, for_training=False)
+  with pytest.raises(FileNotFoundError, match=r"--config.train.init_from=.*nowhere"):
+    train.initialize_from(config, built.model, built.state)
+
+
+def test_a_per_prompt_model_starts_only_from_the_same_prompts(tiny_shapes_model, tmp_path):
+  config = _run_config(tiny_shapes_model)
+  config.mapping.kind = "per_prompt"
+  source = tmp_path / "source"
+  source.mkdir()
+  (source / "config.json").write_text(config.to_json_best_effort())
+  config.prompts.file = str(tmp_path / "prompts.txt")
+  (tmp_path / "prompts.txt").write_text("a red cube\na blue torus\n")
+  config.train.init_from = str(source)
+  built = build.build(config, for_training=False)
+  with pytest.raises(ValueError, match="same prompts .*prompts.file"):
+    train.initialize_from(config, built.model, built.state)
 
 
 def _triplane_config(tiny_shapes_model):
