@@ -89,10 +89,28 @@ def test_interpolation_writes_video_and_strip(trained_dir, tmp_path):
   assert (tmp_path / "a_red_cube_to_a_blue_torus.mp4").is_file()
 
 
+class _Initialized(Exception):
+  pass
+
+
+def test_a_fresh_run_with_init_from_initializes_before_training(tiny_shapes_model, tmp_path,
+                                                                 monkeypatch):
+  """The loop's call, cheaply: it happens at step 0, before anything trains."""
+  def initialize_from(config, model, state):
+    raise _Initialized(int(state["step"]))
+  monkeypatch.setattr(train, "initialize_from", initialize_from)
+  config = _run_config(tiny_shapes_model)
+  config.train.init_from = "any"
+  with pytest.raises(_Initialized, match="^0$"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not list((tmp_path / "run").glob(f"{checkpoints.CHECKPOINT_DIR}/*"))  # nothing saved
+
+
+@pytest.mark.slow
 def test_fine_tune_starts_from_an_exported_model(trained_dir, tiny_shapes_model, tmp_path,
                                                  capsys):
-  """train.init_from: the run's first params are the source's (a 1-step run at
-  learning rate 0 ends with them), the optimizer starts fresh."""
+  """train.init_from end to end: the run's first params are the source's (a
+  1-step run at learning rate 0 ends with them)."""
   exported = generate.export_model(str(trained_dir), str(tmp_path / "export"))
   source = generate.load_trained(str(exported))
   config = _run_config(tiny_shapes_model)
