@@ -381,10 +381,11 @@ def test_resumed_run_equals_uninterrupted_run(tiny_shapes_model, tmp_path):
 
 
 def test_workdir_of_another_config_is_refused(tiny_shapes_model, tmp_path):
+  """Before anything is written: the workdir's config.json stays the run's.
+  (A workdir as a run leaves it: its config.json and a checkpoint folder.)"""
   config = _main_config(tiny_shapes_model)
-  config.train.num_steps = 2
-  config.eval.write_outputs = False
-  train.train_and_evaluate(config, str(tmp_path))
+  (tmp_path / checkpoints.CHECKPOINT_DIR / "2").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
   other = _main_config(tiny_shapes_model, mapping__kind="concat")
   with pytest.raises(ValueError, match="mapping"):
     train.train_and_evaluate(other, str(tmp_path))
