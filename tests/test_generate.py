@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -178,6 +179,15 @@ def test_a_per_prompt_model_starts_only_from_the_same_prompts(tiny_shapes_model,
   built = build.build(config, for_training=False)
   with pytest.raises(ValueError, match="same prompts .*prompts.file"):
     train.initialize_from(config, built.model, built.state)
+
+  # The same prompts with another text-cache size are the same grids.
+  config.prompts.file = ""
+  config.prompts.text_cache_mb = 1
+  built = build.build(config, for_training=False)
+  (source / checkpoints.PARAMS_FILE).write_bytes(flax.serialization.msgpack_serialize(
+      jax.tree.map(np.asarray, {"params": built.state["params"], "stats": built.state["stats"]})))
+  state = train.initialize_from(config, built.model, built.state)
+  jax.tree.map(np.testing.assert_array_equal, state["params"], built.state["params"])
 
 
 def _triplane_config(tiny_shapes_model):
