@@ -15,13 +15,17 @@ several CFG weights w (both branches come from one UNet call, so every weight
 sees the same x_t), and reports the foreground area of x0_hat (pixels farther
 than --threshold from the background color in [0, 1] RGB) over the GT
 masks' area, per weight and noise level. (w = 1 is the conditional model
-alone.) Measurements: docs/results/README.md ("The halo is classifier-free
+alone.) `--rescales` adds CFG rescale (Lin et al., arXiv 2305.08891;
+diffusers' `guidance_rescale`): eps_hat is scaled to the conditional eps's
+standard deviation per image and a fraction phi of that mixed in.
+Measurements: docs/results/README.md ("The halo is classifier-free
 guidance").
 
   python -m experiments.cfg_inflation --out_dir=runs/cfg_inflation
+  python -m experiments.cfg_inflation --weights=3,5,10 --rescales=0,0.5,0.7,1
 
-Writes results.json into --out_dir: area_ratio[weight][level], the settings
-and seconds.
+Writes results.json into --out_dir: area_ratio[weight][level] (no rescale),
+rescaled[phi][weight][level] for each nonzero phi, the settings and seconds.
 """
 
 import functools
@@ -53,11 +57,19 @@ DEFAULT_T_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 DEFAULT_THRESHOLD = 0.2
 
 
+def rescale_guided(eps_hat: jax.Array, eps_cond: jax.Array, phi) -> jax.Array:
+  """CFG rescale of [B, C, H, W] estimates: phi eps_hat std(eps_cond) /
+  std(eps_hat) + (1 - phi) eps_hat, the standard deviations per image."""
+  axes = tuple(range(1, eps_hat.ndim))
+  ratio = jnp.std(eps_cond, axis=axes, keepdims=True) / jnp.std(eps_hat, axis=axes, keepdims=True)
+  return phi * ratio * eps_hat + (1.0 - phi) * eps_hat
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def guided_foreground(eps_fn, alphas_cumprod: jax.Array, images: jax.Array,
                       conditioning: jax.Array, uncond: jax.Array, timesteps: jax.Array,
-                      noise: jax.Array, weights: jax.Array, background: jax.Array,
-                      threshold: float) -> jax.Array:
+                      noise: jax.Array, weights: jax.Array, rescales: jax.Array,
+                      background: jax.Array, threshold: float) -> jax.Array:
   """Foreground pixel counts of guided one-step estimates.
 
   Args:
@@ -68,11 +80,12 @@ def guided_foreground(eps_fn, alphas_cumprod: jax.Array, images: jax.Array,
     timesteps: [T] int32.
     noise: [T, S, B, 3, H, W]: S noise draws per level.
     weights: [W] CFG weights.
+    rescales: [P] CFG rescale fractions phi (0: plain CFG).
     background: [3] the background color in [0, 1].
     threshold: foreground = farther than this from `background` in [0, 1] RGB.
 
   Returns:
-    [W, T, S] foreground pixels of x0_hat summed over the B images.
+    [P, W, T, S] foreground pixels of x0_hat summed over the B images.
   """
   batch = images.shape[0]
   text = jnp.concatenate([conditioning, jnp.broadcast_to(uncond, conditioning.shape)])
@@ -84,21 +97,22 @@ def guided_foreground(eps_fn, alphas_cumprod: jax.Array, images: jax.Array,
     eps = eps_fn(jnp.concatenate([noisy, noisy]), jnp.full((2 * batch,), t), text)[:, :3]
     eps_c, eps_u = eps[:batch], eps[batch:]
 
-    def area(weight):
-      eps_hat = eps_u + weight * (eps_c - eps_u)
+    def area(phi, weight):
+      eps_hat = rescale_guided(eps_u + weight * (eps_c - eps_u), eps_c, phi)
       x0 = (noisy - jnp.sqrt(1.0 - alpha) * eps_hat) / jnp.sqrt(alpha)
       # Distances in [-1, 1] units are twice those in [0, 1] RGB.
       return jnp.sum(jnp.linalg.norm(x0 - color, axis=1) > 2.0 * threshold)
 
-    return jax.vmap(area)(weights)  # [W]
+    return jax.vmap(lambda phi: jax.vmap(lambda w: area(phi, w))(weights))(rescales)  # [P, W]
 
-  per_level = [jax.vmap(lambda n, t=t: one_draw(t, n))(noise[i])  # [S, W]
+  per_level = [jax.vmap(lambda n, t=t: one_draw(t, n))(noise[i])  # [S, P, W]
                for i, t in enumerate(timesteps)]
-  return jnp.transpose(jnp.stack(per_level), (2, 0, 1))
+  return jnp.transpose(jnp.stack(per_level), (2, 3, 0, 1))
 
 
 def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
-        t_fractions: Sequence[float], num_noise: int, threshold: float, seed: int) -> dict:
+        t_fractions: Sequence[float], num_noise: int, threshold: float, seed: int,
+        rescales: Sequence[float] = ()) -> dict:
   """Area ratios of guided x0_hat to the GT masks; returns them with the settings."""
   start = time.perf_counter()
   model = diffusion.ShapesDiffusionModel(model_dir)
@@ -125,13 +139,19 @@ def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
   uncond = jnp.zeros_like(conditioning[:1])  # the unconditional input, as in diffusion.as_guidance
   areas = np.asarray(guided_foreground(
       model.eps_fn(), model.alphas_cumprod, images, conditioning, uncond, timesteps, noise,
-      jnp.asarray(weights, jnp.float32), jnp.asarray(scenes.BACKGROUND_RGB, jnp.float32),
-      threshold))
-  ratio = areas.mean(axis=2) / gt_area  # [W, T]
-  return {"area_ratio": {str(w): {str(t): float(r) for t, r in zip(t_fractions, row)}
-                         for w, row in zip(weights, ratio)},
+      jnp.asarray(weights, jnp.float32), jnp.asarray([0.0, *rescales], jnp.float32),
+      jnp.asarray(scenes.BACKGROUND_RGB, jnp.float32), threshold))
+  ratio = areas.mean(axis=3) / gt_area  # [1 + len(rescales), W, T]
+
+  def table(rows):
+    return {str(w): {str(t): float(r) for t, r in zip(t_fractions, row)}
+            for w, row in zip(weights, rows)}
+
+  return {"area_ratio": table(ratio[0]),
+          "rescaled": {str(phi): table(rows) for phi, rows in zip(rescales, ratio[1:])},
           "gt_area_pixels": gt_area, "model_dir": model_dir, "num_prompts": len(prompts),
-          "weights": list(weights), "t_fractions": list(t_fractions), "num_noise": num_noise,
+          "weights": list(weights), "rescales": list(rescales),
+          "t_fractions": list(t_fractions), "num_noise": num_noise,
           "threshold": threshold, "seed": seed,
           "seconds": round(time.perf_counter() - start, 1)}
 
@@ -140,9 +160,10 @@ def main(argv):
   del argv
   xla_cpu.use_eigen_convolutions()  # before the first computation (faster UNet convs on CPU)
   prompts = prompt_sets.load_prompt_set(_PROMPT_SET.value).heldout[::_EVERY.value]
+  rescales = [float(phi) for phi in _RESCALES.value if float(phi) != 0.0]
   summary = run(_MODEL_DIR.value, prompts, [float(w) for w in _WEIGHTS.value],
                 [float(t) for t in _T_FRACTIONS.value], _NUM_NOISE.value, _THRESHOLD.value,
-                _SEED.value)
+                _SEED.value, rescales)
   out_dir = pathlib.Path(_OUT_DIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
@@ -151,6 +172,10 @@ def main(argv):
   print("CFG weight | " + " ".join(f"t={t:<5}" for t in summary["t_fractions"]))
   for weight, row in summary["area_ratio"].items():
     print(f"{weight:>10} | " + " ".join(f"{r:7.3f}" for r in row.values()))
+  for phi, rows in summary["rescaled"].items():
+    print(f"CFG rescale phi = {phi}:")
+    for weight, row in rows.items():
+      print(f"{weight:>10} | " + " ".join(f"{r:7.3f}" for r in row.values()))
 
 
 if __name__ == "__main__":
@@ -163,6 +188,7 @@ if __name__ == "__main__":
   _WEIGHTS = flags.DEFINE_list("weights", [str(w) for w in DEFAULT_WEIGHTS], "CFG weights")
   _T_FRACTIONS = flags.DEFINE_list("t_fractions", [str(t) for t in DEFAULT_T_FRACTIONS],
                                    "timesteps as fractions of the schedule")
+  _RESCALES = flags.DEFINE_list("rescales", [], "CFG rescale fractions phi to add (0 = none)")
   _NUM_NOISE = flags.DEFINE_integer("num_noise", 4, "noise draws per level")
   _THRESHOLD = flags.DEFINE_float("threshold", DEFAULT_THRESHOLD,
                                   "foreground: this far from the background in [0, 1] RGB")

@@ -23,11 +23,12 @@ def test_guided_foreground_matches_brute_force():
   timesteps = jnp.asarray([10, 70], jnp.int32)
   noise = jax.random.normal(keys[2], (2, 2, batch, 3, size, size))
   weights = jnp.asarray([1.0, 3.0, 7.5])
+  rescales = jnp.asarray([0.0, 1.0])
   background = jnp.asarray([0.25, 0.45, 0.5])
   areas = np.asarray(cfg_inflation.guided_foreground(
-      eps_fn, alphas_cumprod, images, captions, uncond, timesteps, noise, weights, background,
-      0.3))
-  assert areas.shape == (3, 2, 2)
+      eps_fn, alphas_cumprod, images, captions, uncond, timesteps, noise, weights, rescales,
+      background, 0.3))
+  assert areas.shape == (2, 3, 2, 2)
   for w_index, weight in enumerate(np.asarray(weights)):
     guided = np.asarray(uncond) + weight * (np.asarray(captions) - np.asarray(uncond))
     rgb = (guided + 1.0) / 2.0  # [0, 1] units
@@ -35,17 +36,35 @@ def test_guided_foreground_matches_brute_force():
                                      axis=1) > 0.3)
     # The estimate does not depend on the noise here: every level and draw agrees
     # (up to float32 rounding in the inversion, which can flip a pixel at the edge).
-    np.testing.assert_allclose(areas[w_index], expected, atol=1)
-  assert len(set(areas[:, 0, 0].tolist())) > 1  # the weights differ
+    np.testing.assert_allclose(areas[0, w_index], expected, atol=1)
+  assert len(set(areas[0, :, 0, 0].tolist())) > 1  # the weights differ
+  assert not np.array_equal(areas[0, 1:], areas[1, 1:])  # the rescale changes the guided ones
+
+
+def test_rescale_guided_matches_its_formula():
+  keys = jax.random.split(jax.random.PRNGKey(1), 2)
+  guided = jax.random.normal(keys[0], (2, 3, 4, 4)) * 3.0
+  cond = jax.random.normal(keys[1], (2, 3, 4, 4))
+  np.testing.assert_allclose(cfg_inflation.rescale_guided(guided, cond, 0.0), guided)
+  rescaled = np.asarray(cfg_inflation.rescale_guided(guided, cond, 1.0))
+  for b in range(2):  # per image: the conditional's spread, the guided one's direction
+    np.testing.assert_allclose(rescaled[b].std(), np.asarray(cond[b]).std(), rtol=1e-5)
+    np.testing.assert_allclose(rescaled[b] / np.asarray(guided[b]),
+                               np.asarray(cond[b]).std() / np.asarray(guided[b]).std(),
+                               rtol=1e-5)
+  np.testing.assert_allclose(cfg_inflation.rescale_guided(guided, cond, 0.7),
+                             0.7 * rescaled + 0.3 * np.asarray(guided), rtol=1e-5, atol=1e-6)
 
 
 def test_command_line_writes_results(tiny_shapes_model, tmp_path):
   summary, stdout = conftest.run_experiment(
       "experiments.cfg_inflation", [f"--model_dir={tiny_shapes_model}", "--every=200",
-                                    "--weights=1,5", "--t_fractions=0.5", "--num_noise=1"],
+                                    "--weights=1,5", "--t_fractions=0.5", "--num_noise=1",
+                                    "--rescales=0.7"],
       tmp_path)
   assert summary["num_prompts"] == 2 and summary["gt_area_pixels"] > 0
   assert set(summary["area_ratio"]) == {"1.0", "5.0"}
   for row in summary["area_ratio"].values():
     assert set(row) == {"0.5"} and np.isfinite(row["0.5"]) and row["0.5"] >= 0.0
-  assert "CFG weight" in stdout
+  assert set(summary["rescaled"]) == {"0.7"} and set(summary["rescaled"]["0.7"]) == {"1.0", "5.0"}
+  assert "CFG weight" in stdout and "CFG rescale phi = 0.7" in stdout
