@@ -335,7 +335,7 @@ def annealed_guidance_scale(config: ml_collections.ConfigDict, step: int) -> flo
   """The fixed CFG weight at `step`: config.guidance.scale, annealed linearly to
   config.guidance.scale_final over train.num_steps when that is > 0.
 
-  CFG inflates silhouettes, more so the higher the weight (docs/results/README.md,
+  CFG inflates silhouettes, more so the higher the weight (docs/results/compositional_scale.md,
   "The halo is classifier-free guidance"): a high weight early learns the prompt's
   factors, a lower one late lets the silhouettes settle nearer the true size.
   """

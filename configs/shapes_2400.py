@@ -10,7 +10,7 @@ and scored against ground truth per factor (eval/shapes_eval.py FACTOR_METRICS).
 
 Everything else is configs/shapes.py (the Pig64 analog's model, renderer,
 guidance and optimizer). Measured quality against training compute and the
-generator comparison: docs/results/README.md ("Compositional scale").
+generator comparison: docs/results/compositional_scale.md.
 """
 
 import ml_collections
@@ -27,11 +27,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # configs/shapes.py's triplane settings: in the same 8000 steps it matched
   # the hidden-32 hypernet on every held-out factor and got hats right more
   # often, with a quarter of the parameters and a faster step
-  # (docs/results/README.md, "Compositional scale").
+  # (docs/results/compositional_scale.md).
   config.mapping.kind = "triplane"
   # 16 prompts x 1 view per step (the same 16 frames as 8 x 2): more prompts
   # per step learned every factor faster in the 1000-step ablation
-  # (docs/results/README.md, "Compositional scale").
+  # (docs/results/compositional_scale.md).
   config.batch.prompts_per_step = 16
   config.batch.views_per_prompt = 1
   # 8000 steps: under the 60-minute budget on an idle 2-core CPU at ~2.25-2.8
@@ -41,12 +41,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.num_steps = 8000
   # Cosine decay of both learning rates from 1e-2 to 1e-3 over the run: the low
   # final rate sharpens the factors (shape, hat color) that a constant 1e-2
-  # leaves blurred (docs/results/README.md, "Compositional scale").
+  # leaves blurred (docs/results/compositional_scale.md).
   config.optim.lr_final_fraction = 0.1
   # The classifier-free guidance weight anneals from 5 to 3 over the run: a
   # constant 5 makes every silhouette too large (held-out area 1.11x the truth,
   # IoU 0.82), 3 at the end trues the size (1.05x, IoU 0.84) and keeps the
-  # shapes, which 2 does not (pyramids turn to cones) (docs/results/README.md,
+  # shapes, which 2 does not (pyramids turn to cones) (docs/results/compositional_scale.md,
   # "The halo is classifier-free guidance").
   config.guidance.scale_final = 3.0
   config.train.time_budget_s = 0.0 if quick else 60 * 60.0

@@ -18,7 +18,7 @@ masks' area, per weight and noise level. (w = 1 is the conditional model
 alone.) `--rescales` adds CFG rescale (Lin et al., arXiv 2305.08891;
 diffusers' `guidance_rescale`): eps_hat is scaled to the conditional eps's
 standard deviation per image and a fraction phi of that mixed in.
-Measurements: docs/results/README.md ("The halo is classifier-free
+Measurements: docs/results/compositional_scale.md ("The halo is classifier-free
 guidance").
 
   python -m experiments.cfg_inflation --out_dir=runs/cfg_inflation

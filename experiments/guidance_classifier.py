@@ -13,7 +13,7 @@ Why per level: SDS's gradient is the guided eps at the sampled t, and the
 coarse shape of the field is settled in the first, high-noise part of
 training (t_max anneals from 0.98). A value the model cannot tell from the
 others at large t gets no text signal while the shape forms
-(docs/results/README.md, "Compositional scale": the torus).
+(docs/results/compositional_scale.md: the torus).
 
   python -m experiments.guidance_classifier --factor=shape --prompts_per_value=8 \
       --out_dir=runs/guidance_classifier
