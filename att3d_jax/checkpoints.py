@@ -150,7 +150,10 @@ def load_params(path: pathlib.Path, template: dict) -> dict:
   return jax.tree.map(np.asarray, loaded)
 
 
-IDENTITY_KEYS = ("prompts", "mapping", "hashgrid", "field", "guidance.kind",
+# The fields that choose a run's training prompts (not prompts.text_cache_mb,
+# a memory setting that changes no result).
+PROMPT_FIELDS = ("prompts.set", "prompts.split", "prompts.file")
+IDENTITY_KEYS = (*PROMPT_FIELDS, "mapping", "hashgrid", "field", "guidance.kind",
                  "batch.prompts_per_step")
 
 

@@ -39,8 +39,6 @@ def frames_per_prompt(config: ml_collections.ConfigDict, step: int, num_prompts:
 # The config sections that make a model's arrays: init_from names those of the
 # source that differ (its arrays must fit; their meaning may have changed).
 MODEL_SECTIONS = ("mapping", "hashgrid", "field", "guidance.amortize_scale")
-# The fields that choose a run's training prompts (a per-prompt model's grids).
-PROMPT_FIELDS = ("prompts.set", "prompts.split", "prompts.file")
 
 
 def initialize_from(config: ml_collections.ConfigDict, model, state: dict) -> dict:
@@ -62,7 +60,8 @@ def initialize_from(config: ml_collections.ConfigDict, model, state: dict) -> di
                             "model folder or a training workdir")
   source_config = json.loads((source / "config.json").read_text())
   if not model.mapping.generalizes:
-    _, differing = checkpoints.config_differences(source_config, config, PROMPT_FIELDS)
+    _, differing = checkpoints.config_differences(source_config, config,
+                                                    checkpoints.PROMPT_FIELDS)
     if differing:
       raise ValueError(f"{flag}: a mapping.kind={config.mapping.kind!r} model holds one grid "
                        "per training prompt, so it can start only from a model of the same "

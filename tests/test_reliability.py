@@ -411,6 +411,14 @@ def test_resume_accepts_fields_added_since_the_run_and_names_them(tmp_path, caps
   assert "mapping.triplane_combine" in capsys.readouterr().out
 
 
+def test_resume_accepts_another_text_cache_size(tmp_path, capsys):
+  config = shapes_config.get_config("quick")
+  old = json.loads(config.to_json_best_effort())
+  old["prompts"]["text_cache_mb"] = 1  # memory only: the same prompts and model
+  checkpoints.check_workdir(workdir_made_with(tmp_path, old), config)
+  assert "text_cache_mb" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda old: old["mapping"].update(hidden_width=64), "mapping.hidden_width: 64 there, 32"),
     (lambda old: old["hashgrid"].update(retired_field=1), "hashgrid.retired_field: 1 there, "
