@@ -169,13 +169,15 @@ def main(argv):
   (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
   print(f"x0_hat foreground / GT mask area ({summary['num_prompts']} prompts, "
         f"{summary['seconds']} s)")
-  print("CFG weight | " + " ".join(f"t={t:<5}" for t in summary["t_fractions"]))
-  for weight, row in summary["area_ratio"].items():
-    print(f"{weight:>10} | " + " ".join(f"{r:7.3f}" for r in row.values()))
-  for phi, rows in summary["rescaled"].items():
-    print(f"CFG rescale phi = {phi}:")
+  def print_rows(rows):  # one line per weight: the ratio at each level
     for weight, row in rows.items():
       print(f"{weight:>10} | " + " ".join(f"{r:7.3f}" for r in row.values()))
+
+  print("CFG weight | " + " ".join(f"t={t:<5}" for t in summary["t_fractions"]))
+  print_rows(summary["area_ratio"])
+  for phi, rows in summary["rescaled"].items():
+    print(f"CFG rescale phi = {phi}:")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

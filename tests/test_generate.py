@@ -184,8 +184,8 @@ def test_a_per_prompt_model_starts_only_from_the_same_prompts(tiny_shapes_model,
   config.prompts.file = ""
   config.prompts.text_cache_mb = 1
   built = build.build(config, for_training=False)
-  (source / checkpoints.PARAMS_FILE).write_bytes(flax.serialization.msgpack_serialize(
-      jax.tree.map(np.asarray, {"params": built.state["params"], "stats": built.state["stats"]})))
+  (source / checkpoints.PARAMS_FILE).write_bytes(flax.serialization.to_bytes(
+      {"params": built.state["params"], "stats": built.state["stats"]}))
   state = train.initialize_from(config, built.model, built.state)
   jax.tree.map(np.testing.assert_array_equal, state["params"], built.state["params"])
 
