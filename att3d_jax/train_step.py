@@ -91,6 +91,35 @@ def _mask_per_prompt_rows(model: model_lib.ATT3DModel, updates: dict,
                                  name: jnp.where(selected, rows, 0.0)}}
 
 
+def sample_row_cameras(config: ml_collections.ConfigDict, key: jax.Array,
+                       rows: int) -> cameras_lib.Cameras:
+  """config.batch.views_per_prompt random training cameras per row: batch shape [rows, V]."""
+  return jax.vmap(lambda k: cameras_lib.sample_cameras(
+      k, config.batch.views_per_prompt, config.camera.elevation_range_deg,
+      config.camera.azimuth_range_deg, config.camera.distance_range,
+      config.camera.fov_y_range_deg))(jax.random.split(key, rows))
+
+
+def render_rows(config: ml_collections.ConfigDict, model: model_lib.ATT3DModel,
+                background_color, mlp_params, tables, conditioning: jax.Array | None,
+                cameras: cameras_lib.Cameras, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each row's NeRF (tables [B, ...], conditioning [B, D] or None) from its
+  cameras [B, V] at config.camera's size -> rgb [B, V, H, W, 3], opacity [B, V, H, W]."""
+  height, width = config.camera.height, config.camera.width
+
+  def render_row(tables, conditioning, cameras, key):
+    rays = cameras_lib.generate_rays(cameras, height, width)  # [V, H, W, 3]
+    flat = cameras_lib.Rays(rays.origins.reshape(-1, 3), rays.directions.reshape(-1, 3))
+    out = model.render_fn(mlp_params, tables, conditioning, key, background_color)(flat)
+    views = cameras.azimuth.shape[0]
+    return (out["rgb"].reshape(views, height, width, 3),
+            out["opacity"].reshape(views, height, width))
+
+  rows = cameras.azimuth.shape[0]
+  return jax.vmap(render_row, in_axes=(0, 0 if conditioning is not None else None, 0, 0))(
+      tables, conditioning, cameras, jax.random.split(key, rows))
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: model_lib.ATT3DModel,
                     guidance: guidance_base.Guidance, optimizer: optax.GradientTransformation):
   """The pure step `(state, batch, key) -> (state, metrics)`."""
@@ -99,22 +128,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: model_lib.ATT3DMod
   loss_interpolation = config.interpolation.kind == "loss"
   opacity_penalty = config.optim.opacity_penalty
 
-  def render_row(mlp_params, tables, conditioning, cameras, key):
-    rays = cameras_lib.generate_rays(cameras, height, width)  # [V, H, W, 3]
-    flat = cameras_lib.Rays(rays.origins.reshape(-1, 3), rays.directions.reshape(-1, 3))
-    out = model.render_fn(mlp_params, tables, conditioning, key,
-                          guidance.background_color)(flat)
-    return (out["rgb"].reshape(views, height, width, 3),
-            out["opacity"].reshape(views, height, width))
-
   def train_step(state, batch, key):
     step = state["step"]
     camera_key, render_key, sds_key = jax.random.split(jax.random.fold_in(key, step), 3)
     rows = batch["mapping_input"].shape[0]
-    cameras = jax.vmap(lambda k: cameras_lib.sample_cameras(
-        k, views, config.camera.elevation_range_deg, config.camera.azimuth_range_deg,
-        config.camera.distance_range, config.camera.fov_y_range_deg))(
-            jax.random.split(camera_key, rows))  # batch shape [B, V]
+    cameras = sample_row_cameras(config, camera_key, rows)  # batch shape [B, V]
     view = cameras_lib.view_index(cameras.elevation, cameras.azimuth)  # [B, V]
     text = jnp.take_along_axis(batch["conditioning"], view[:, None, :, None, None],
                                axis=2)  # [B, k, V, L, D]
@@ -129,11 +147,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: model_lib.ATT3DMod
     def loss_fn(params):
       mapped, stats = model.apply_mapping(params, state["stats"], batch["mapping_input"],
                                           batch["prompt_index"], update_stats=True)
-      conditioning = mapped.conditioning
-      images, opacity = jax.vmap(
-          render_row, in_axes=(None, 0, 0 if conditioning is not None else None, 0, 0))(
-              params["mlp"], mapped.tables, conditioning, cameras,
-              jax.random.split(render_key, rows))  # [B, V, H, W, 3], [B, V, H, W]
+      images, opacity = render_rows(config, model, guidance.background_color, params["mlp"],
+                                    mapped.tables, mapped.conditioning, cameras,
+                                    render_key)  # [B, V, H, W, 3], [B, V, H, W]
       x = guidance.model_input(images.reshape((rows * views, height, width, 3)))
       x = jnp.broadcast_to(x.reshape((rows, 1, views) + x.shape[1:]),
                            (rows, k, views) + x.shape[1:])
