@@ -23,7 +23,8 @@ lost in the guidance signal, not in the generator's capacity
 Prompts are drawn per step as the trainer draws them (`prompt_data.batch_index`),
 one prompt per row; interpolation training and the CFG-weight input have no
 ground truth and are refused. Shapes-world prompt sets only. Writes eval.json
-(with train_seconds) and config.json into --out_dir.
+(with train_seconds), config.json and params.msgpack into --out_dir: an
+exported model's folder, which `generate.load_trained` and `export` read.
 """
 
 import json
@@ -32,6 +33,7 @@ import time
 
 from absl import app
 from absl import flags
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,6 +42,7 @@ import numpy as np
 import optax
 
 from att3d_jax import build
+from att3d_jax import checkpoints
 from att3d_jax import evaluation
 from att3d_jax import prompt_data
 from att3d_jax import train_step as train_step_lib
@@ -135,6 +138,9 @@ def run(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "eval.json").write_text(json.dumps(results, indent=1))
   (out_dir / "config.json").write_text(config.to_json(indent=1))
+  # An exported model's layout: generate.load_trained(out_dir) reads it back.
+  (out_dir / checkpoints.PARAMS_FILE).write_bytes(flax.serialization.to_bytes(
+      {"params": state["params"], "stats": state["stats"]}))
   return results
 
 

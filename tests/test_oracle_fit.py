@@ -1,8 +1,11 @@
 """experiments/oracle_fit.py: the generator fit to ground-truth renders."""
 
+import json
+
 import numpy as np
 import pytest
 
+from att3d_jax import generate
 from experiments import common
 from experiments import oracle_fit
 
@@ -29,8 +32,12 @@ def test_fit_learns_each_prompts_scene(tiny_shapes_model, tmp_path):
     assert rows[prompt]["nearest_scene"] == prompt, rows[prompt]
     assert rows[prompt]["iou"] > 0.8, rows[prompt]
   assert results["frames_per_prompt"] == 80 * 2 * 2 / 2
-  assert (tmp_path / "out" / "eval.json").is_file()
   assert np.isfinite(results["train_seconds"])
+  # The folder is an exported model: it loads back, with its training prompts.
+  trained = generate.load_trained(str(tmp_path / "out"))
+  assert json.loads((tmp_path / "out" / "eval.json").read_text())["losses"] == [
+      list(pair) for pair in results["losses"]]
+  assert trained.train_prompts == list(PROMPTS)
 
 
 @pytest.mark.parametrize("overrides, match", [
