@@ -50,13 +50,6 @@ from att3d_jax.amortize import model as model_lib
 from att3d_jax.shapes import gt_render
 from att3d_jax.shapes import scenes
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", None, "train steps; default config.train.num_steps "
-                              "(the learning-rate schedule spans these)")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "where eval.json and config.json go")
-_LOG_EVERY = flags.DEFINE_integer("log_every", 100, "print the loss every this many steps")
-
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Refuses what has no ground truth to fit."""
@@ -157,5 +150,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags here, not at import: the tests import every experiment into one
+  # process, and absl refuses a second definition of a name such as out_dir.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                            lock_config=True)
+  _STEPS = flags.DEFINE_integer("steps", None, "train steps; default config.train.num_steps "
+                                "(the learning-rate schedule spans these)")
+  _OUT_DIR = flags.DEFINE_string("out_dir", None, "where eval.json, config.json and "
+                                 "params.msgpack go")
+  _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "print the loss every this many steps")
   flags.mark_flags_as_required(["config", "out_dir"])
   app.run(main)
