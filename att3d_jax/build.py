@@ -48,6 +48,22 @@ class Built(NamedTuple):
   train_step: Optional[Callable[[dict, dict, Any], tuple[dict, dict]]]  # jitted
 
 
+def text_tables(config: ml_collections.ConfigDict, guidance: guidance_base.Guidance,
+                prompt_set: prompt_sets.PromptSet
+                ) -> tuple[prompt_data.PromptTables, Optional[prompt_data.PromptTables]]:
+  """The training and held-out (None without) prompts' text tables: rows are
+  encoded on first use into one cache of config.prompts.text_cache_mb."""
+  cache = prompt_data.text_cache(config)
+  if config.guidance.kind in DISK_CACHED_TEXT_KINDS:
+    for prompts in (prompt_set.train, prompt_set.heldout):
+      if prompts:
+        prompt_data.precompute(guidance, prompts)
+  train_tables = prompt_data.lazy_prompt_tables(guidance, prompt_set.train, cache)
+  heldout_tables = (prompt_data.lazy_prompt_tables(guidance, prompt_set.heldout, cache)
+                    if prompt_set.heldout else None)
+  return train_tables, heldout_tables
+
+
 def build(config: ml_collections.ConfigDict, *,
           guidance: Optional[guidance_base.Guidance] = None,
           for_training: bool = True) -> Built:
@@ -63,15 +79,7 @@ def build(config: ml_collections.ConfigDict, *,
   guidance = guidance or load_guidance(config)
   train_tables = heldout_tables = None
   if for_training:
-    # Rows are encoded on first use into one cache of config.prompts.text_cache_mb.
-    cache = prompt_data.text_cache(config)
-    if config.guidance.kind in DISK_CACHED_TEXT_KINDS:
-      for prompts in (prompt_set.train, prompt_set.heldout):
-        if prompts:
-          prompt_data.precompute(guidance, prompts)
-    train_tables = prompt_data.lazy_prompt_tables(guidance, prompt_set.train, cache)
-    if prompt_set.heldout:
-      heldout_tables = prompt_data.lazy_prompt_tables(guidance, prompt_set.heldout, cache)
+    train_tables, heldout_tables = text_tables(config, guidance, prompt_set)
     embedding = train_tables.embedding[prompt_data.normalization_rows(len(prompt_set.train))]
   else:  # the text standardization is restored with the params
     embedding = guidance.embed(prompt_set.train[:1])

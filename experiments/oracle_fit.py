@@ -45,6 +45,7 @@ from att3d_jax import build
 from att3d_jax import checkpoints
 from att3d_jax import evaluation
 from att3d_jax import prompt_data
+from att3d_jax import train
 from att3d_jax import train_step as train_step_lib
 from att3d_jax.amortize import model as model_lib
 from att3d_jax.shapes import gt_render
@@ -99,10 +100,7 @@ def run(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
   check_config(config)
   built = build.build(config, for_training=False)
   model, guidance = built.model, built.guidance
-  cache = prompt_data.text_cache(config)
-  train_tables = prompt_data.lazy_prompt_tables(guidance, built.prompt_set.train, cache)
-  heldout_tables = (prompt_data.lazy_prompt_tables(guidance, built.prompt_set.heldout, cache)
-                    if built.prompt_set.heldout else None)
+  train_tables, heldout_tables = build.text_tables(config, guidance, built.prompt_set)
   # The standardization the trainer fits (build.build): over the same rows.
   num_prompts = len(train_tables.prompts)
   state = dict(built.state)
@@ -123,10 +121,9 @@ def run(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
       losses.append((step, float(loss)))
       print(f"step {step}: loss {float(loss):.5f} ({time.time() - start:.0f} s)", flush=True)
   seconds = time.time() - start
-  frames = config.train.num_steps * config.batch.prompts_per_step * (
-      config.batch.views_per_prompt) / num_prompts
-  results = evaluation.evaluate(config, model, guidance, state["params"], state["stats"],
-                                train_tables, heldout_tables, frames=frames)
+  results = evaluation.evaluate(
+      config, model, guidance, state["params"], state["stats"], train_tables, heldout_tables,
+      frames=train.frames_per_prompt(config, config.train.num_steps, num_prompts))
   results.update(train_seconds=seconds, losses=losses)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "eval.json").write_text(json.dumps(results, indent=1))
