@@ -61,6 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR per
   # example, so low-noise steps stop dominating; 0 = plain epsilon MSE.
   config.snr_gamma = 5.0
+  # > 0: also raise the x0-space weight to at least this (truncated SNR), so the
+  # high-noise levels that set the coarse shape under SDS are trained, with the
+  # epsilon weight capped at max_loss_weight; 0 = Min-SNR alone (weights/shapes).
+  config.snr_floor = 0.0
+  config.max_loss_weight = 20.0
   config.caption_dropout = 0.1  # share of empty captions, for classifier-free guidance
   config.batch_size = 4 if quick else 32
   config.num_steps = 4 if quick else 5600  # ~95 min on 2 CPU cores split into 2 devices

@@ -69,14 +69,22 @@ def caption_table(encoder: minilm.MiniLMEncoder, prompts: list[str],
   return table
 
 
-def min_snr_weights(alpha_bar: jax.Array, gamma: float) -> jax.Array:
-  """Per-example weights of the epsilon loss under Min-SNR-gamma (Hang et al.
-  2023, arXiv 2303.09556): min(SNR, gamma) / SNR, so the low-noise steps (SNR
-  above gamma) stop dominating the gradient; gamma <= 0: all ones."""
-  if gamma <= 0:
-    return jnp.ones_like(alpha_bar)
+def min_snr_weights(alpha_bar: jax.Array, gamma: float, snr_floor: float = 0.0,
+                    max_weight: float = 20.0) -> jax.Array:
+  """Per-example weights of the epsilon loss. In x0 terms the plain epsilon
+  loss weighs an example's error by its SNR = alpha_bar / (1 - alpha_bar).
+  Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556) caps that at gamma:
+  weight min(SNR, gamma) / SNR, so the low-noise steps stop dominating the
+  gradient; gamma <= 0: all ones. snr_floor > 0 also raises the x0 weight to
+  at least snr_floor (truncated SNR, Salimans & Ho 2022, arXiv 2202.00512),
+  so the high-noise levels, where the text must pick the coarse shape, are
+  not weighted near 0; there the epsilon weight snr_floor / SNR grows without
+  bound as SNR -> 0, so it is capped at max_weight."""
   snr = alpha_bar / (1.0 - alpha_bar)
-  return jnp.minimum(snr, gamma) / snr
+  weights = jnp.minimum(snr, gamma) / snr if gamma > 0 else jnp.ones_like(alpha_bar)
+  if snr_floor > 0:
+    weights = jnp.maximum(weights, jnp.minimum(snr_floor / snr, max_weight))
+  return weights
 
 
 def make_train_step(config, module, optimizer, scene_table, conditioning_table,
@@ -119,7 +127,8 @@ def make_train_step(config, module, optimizer, scene_table, conditioning_table,
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     alpha_bar = alphas_cumprod[timesteps][:, None, None, None]
     noisy = jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1.0 - alpha_bar) * noise
-    weights = min_snr_weights(alpha_bar[:, 0, 0, 0], config.snr_gamma)
+    weights = min_snr_weights(alpha_bar[:, 0, 0, 0], config.snr_gamma, config.snr_floor,
+                              config.max_loss_weight)
     return noisy, timesteps, conditioning, noise, weights
 
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))

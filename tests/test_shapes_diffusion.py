@@ -88,6 +88,18 @@ def test_min_snr_weights_against_their_definition():
   np.testing.assert_array_equal(train_shapes_diffusion.min_snr_weights(alpha_bar, 0.0), 1.0)
 
 
+def test_snr_floor_raises_the_high_noise_weights_up_to_the_cap():
+  snr = jnp.asarray([999.0, 10.0, 5.0, 1.0, 0.5, 0.1, 1e-3])
+  alpha_bar = snr / (1.0 + snr)
+  weights = train_shapes_diffusion.min_snr_weights(alpha_bar, 5.0, snr_floor=1.0, max_weight=20.0)
+  # x0-space weight clip(SNR, 1, 5) while the epsilon weight 1 / SNR is under the cap.
+  np.testing.assert_allclose(weights, [5.0 / 999.0, 0.5, 1.0, 1.0, 2.0, 10.0, 20.0], rtol=1e-4)
+  np.testing.assert_allclose((weights * snr)[:6], np.clip(snr[:6], 1.0, 5.0), rtol=1e-4)
+  # The floor leaves the Min-SNR weights alone where SNR is above it.
+  np.testing.assert_allclose(weights[:4],
+                             train_shapes_diffusion.min_snr_weights(alpha_bar, 5.0)[:4], rtol=1e-6)
+
+
 def _train_quick_cli(workdir, cpu_devices: int) -> tuple[str, list[float]]:
   """The trainer's CLI on the quick config with the CPU split into
   `cpu_devices`; returns its output and the logged losses."""
