@@ -18,8 +18,12 @@ others at large t gets no text signal while the shape forms
   python -m experiments.guidance_classifier --factor=shape --prompts_per_value=8 \
       --out_dir=runs/guidance_classifier
 
-Writes results.json into --out_dir: per factor value the accuracy over all t
-and at each t, the confusion counts, chance and the settings.
+With --azimuths_deg the cameras are fixed instead (one per azimuth, at
+--elevation_deg), to see which views carry the signal: a torus's hole shows
+from the front and back only.
+
+Writes results.json into --out_dir: per factor value the accuracy over all t,
+at each t and at each (camera, t), the confusion counts, chance and the settings.
 """
 
 import collections
@@ -116,8 +120,8 @@ def denoising_errors(eps_fn, alphas_cumprod: jax.Array, images: jax.Array,
 def summarize(errors: np.ndarray, truth: np.ndarray, factor: str,
               t_fractions: Sequence[float]) -> dict:
   """errors [P, V, K, T] and each prompt's true candidate index truth [P] ->
-  per factor value: accuracy over all t (errors summed over T), at each t,
-  and the confusion counts of the all-t choices."""
+  per factor value: accuracy over all t (errors summed over T), at each t, at
+  each (view, t) ([V][T]), and the confusion counts of the all-t choices."""
   values = FACTOR_VALUES[factor]
   choice_all = np.argmin(errors.sum(axis=3), axis=2)  # [P, V]
   choice_t = np.argmin(errors, axis=2)  # [P, V, T]
@@ -130,6 +134,7 @@ def summarize(errors: np.ndarray, truth: np.ndarray, factor: str,
         "num_images": int(rows.sum() * errors.shape[1]),
         "accuracy": float(np.mean(choice_all[rows] == index)),
         "accuracy_by_t": [float(a) for a in np.mean(choice_t[rows] == index, axis=(0, 1))],
+        "accuracy_by_view": np.mean(choice_t[rows] == index, axis=0).tolist(),
         "chosen": dict(collections.Counter(values[c] for c in choice_all[rows].ravel())),
     }
   return {"factor": factor, "t_fractions": list(t_fractions), "chance": 1.0 / len(values),
@@ -139,20 +144,34 @@ def summarize(errors: np.ndarray, truth: np.ndarray, factor: str,
           "per_value": per_value}
 
 
+def classifier_cameras(key: jax.Array, num_views: int, azimuths_deg: Sequence[float] = (),
+                       elevation_deg: float = 15.0) -> cameras_lib.Cameras:
+  """`num_views` random shapes-world cameras drawn with `key`, or, if azimuths_deg
+  is given, one camera per azimuth at elevation_deg and the middle of the
+  world's distance and field-of-view ranges."""
+  if not azimuths_deg:
+    return cameras_lib.sample_cameras(
+        key, num_views,
+        scenes.CAMERA_ELEVATION_RANGE_DEG, scenes.CAMERA_AZIMUTH_RANGE_DEG,
+        scenes.CAMERA_DISTANCE_RANGE, scenes.CAMERA_FOV_Y_RANGE_DEG)
+  return cameras_lib.orbit_cameras(
+      np.deg2rad(elevation_deg), np.deg2rad(np.asarray(azimuths_deg, np.float32)),
+      np.mean(scenes.CAMERA_DISTANCE_RANGE), np.deg2rad(np.mean(scenes.CAMERA_FOV_Y_RANGE_DEG)))
+
+
 def run(model_dir: str, prompts: Sequence[str], factor: str, prompts_per_value: int,
-        num_views: int, t_fractions: Sequence[float], seed: int) -> dict:
-  """Classifies the chosen prompts' GT renders; returns `summarize`'s dict
-  plus the settings and seconds."""
+        num_views: int, t_fractions: Sequence[float], seed: int,
+        azimuths_deg: Sequence[float] = (), elevation_deg: float = 15.0) -> dict:
+  """Classifies the chosen prompts' GT renders from `classifier_cameras`;
+  returns `summarize`'s dict plus the settings and seconds."""
   start = time.perf_counter()
   model = diffusion.ShapesDiffusionModel(model_dir)
   eps_fn = model.eps_fn()
   chosen = choose_prompts(prompts, factor, prompts_per_value)
-  key = jax.random.PRNGKey(seed)
-  camera_key, noise_key = jax.random.split(key)
+  camera_key, noise_key = jax.random.split(jax.random.PRNGKey(seed))
   size = model.image_size
-  cameras = cameras_lib.sample_cameras(
-      camera_key, num_views, scenes.CAMERA_ELEVATION_RANGE_DEG, scenes.CAMERA_AZIMUTH_RANGE_DEG,
-      scenes.CAMERA_DISTANCE_RANGE, scenes.CAMERA_FOV_Y_RANGE_DEG)
+  cameras = classifier_cameras(camera_key, num_views, azimuths_deg, elevation_deg)
+  num_views = cameras.fov_y.shape[0]
   labels = cameras_lib.view_labels(cameras)
   num_timesteps = model.alphas_cumprod.shape[0]
   timesteps = jnp.asarray([int(round(t * (num_timesteps - 1))) for t in t_fractions], jnp.int32)
@@ -176,6 +195,8 @@ def run(model_dir: str, prompts: Sequence[str], factor: str, prompts_per_value: 
   summary.update({"model_dir": model_dir, "num_prompts": len(chosen),
                   "prompts_per_value": prompts_per_value, "num_views": num_views,
                   "view_labels": labels, "seed": seed,
+                  "azimuths_deg": np.rad2deg(np.asarray(cameras.azimuth)).round(1).tolist(),
+                  "elevations_deg": np.rad2deg(np.asarray(cameras.elevation)).round(1).tolist(),
                   "seconds": round(time.perf_counter() - start, 1)})
   return summary
 
@@ -185,7 +206,8 @@ def main(argv):
   xla_cpu.use_eigen_convolutions()  # before the first computation (faster UNet convs on CPU)
   prompts = prompt_sets.load_prompt_set(_PROMPT_SET.value).train
   summary = run(_MODEL_DIR.value, prompts, _FACTOR.value, _PROMPTS_PER_VALUE.value,
-                _NUM_VIEWS.value, [float(t) for t in _T_FRACTIONS.value], _SEED.value)
+                _NUM_VIEWS.value, [float(t) for t in _T_FRACTIONS.value], _SEED.value,
+                [float(a) for a in _AZIMUTHS.value], _ELEVATION.value)
   out_dir = pathlib.Path(_OUT_DIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
@@ -195,6 +217,12 @@ def main(argv):
   for value, row in list(summary["per_value"].items()) + [("all", summary)]:
     by_t = " ".join(f"{a:5.2f}" for a in row["accuracy_by_t"])
     print(f"{value:>10}   {row['accuracy']:5.2f} |                 {by_t}")
+  if _AZIMUTHS.value:  # which views carry the signal
+    for value, row in summary["per_value"].items():
+      for azimuth, label, by_t in zip(summary["azimuths_deg"], summary["view_labels"],
+                                      row["accuracy_by_view"]):
+        cells = " ".join(f"{a:5.2f}" for a in by_t)
+        print(f"{value:>10} at azimuth {azimuth:6.1f} ({label:>8}): {cells}")
 
 
 if __name__ == "__main__":
@@ -209,6 +237,9 @@ if __name__ == "__main__":
   _NUM_VIEWS = flags.DEFINE_integer("num_views", 8, "random shapes-world cameras per prompt")
   _T_FRACTIONS = flags.DEFINE_list("t_fractions", [str(t) for t in DEFAULT_T_FRACTIONS],
                                    "timesteps as fractions of the schedule")
+  _AZIMUTHS = flags.DEFINE_list("azimuths_deg", [],
+                                "fixed cameras at these azimuths, not --num_views random ones")
+  _ELEVATION = flags.DEFINE_float("elevation_deg", 15.0, "elevation of the --azimuths_deg cameras")
   _SEED = flags.DEFINE_integer("seed", 0, "cameras and noise derive from it")
   _OUT_DIR = flags.DEFINE_string("out_dir", "runs/guidance_classifier", "where results.json goes")
   app.run(main)

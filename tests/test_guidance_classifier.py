@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from att3d_jax.nerf import cameras as cameras_lib
 from att3d_jax.shapes import prompt_sets
 from att3d_jax.shapes import scenes
 from experiments import guidance_classifier
@@ -78,6 +79,7 @@ def test_summary_counts_choices_per_value_and_level():
   assert summary["per_value"]["small"]["chosen"] == {"small": 1}
   assert summary["accuracy"] == 0.5
   assert summary["accuracy_by_t"] == [1.0, 0.5]
+  assert summary["per_value"][""]["accuracy_by_view"] == [[1.0, 0.0]]  # [V][T]
 
 
 def test_run_on_a_tiny_model(tiny_shapes_model):
@@ -90,6 +92,22 @@ def test_run_on_a_tiny_model(tiny_shapes_model):
     assert row["num_images"] == 2
     assert 0.0 <= row["accuracy"] <= 1.0 and len(row["accuracy_by_t"]) == 2
     assert sum(row["chosen"].values()) == 2
+
+
+def test_fixed_azimuths_give_one_camera_each_with_its_view_label(tiny_shapes_model):
+  cameras = guidance_classifier.classifier_cameras(jax.random.PRNGKey(0), 8, (0.0, 90.0, 170.0),
+                                                   elevation_deg=15.0)
+  np.testing.assert_allclose(np.rad2deg(cameras.azimuth), [0.0, 90.0, 170.0], atol=1e-4)
+  np.testing.assert_allclose(np.rad2deg(cameras.elevation), 15.0, atol=1e-4)
+  assert cameras_lib.view_labels(cameras) == ["front", "side", "back"]
+  prompts = prompt_sets.load_prompt_set("shapes_2400").train
+  summary = guidance_classifier.run(tiny_shapes_model, prompts, "size", prompts_per_value=1,
+                                    num_views=8, t_fractions=(0.5,), seed=0,
+                                    azimuths_deg=(0.0, 90.0))
+  assert summary["view_labels"] == ["front", "side"]
+  assert summary["azimuths_deg"] == [0.0, 90.0] and summary["elevations_deg"] == [15.0, 15.0]
+  for row in summary["per_value"].values():
+    assert row["num_images"] == 2 and np.shape(row["accuracy_by_view"]) == (2, 1)
 
 
 def test_command_line_writes_results(tiny_shapes_model, tmp_path):
