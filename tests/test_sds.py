@@ -169,3 +169,82 @@ def test_latent_mode_gradient_flows_through_encoder():
   # The latents are the posterior mean times scaling_factor.
   assert latents.shape == (2, 4, 4, 4)
   np.testing.assert_allclose(latents, 0.18215 * posterior.mean, rtol=1e-5, atol=1e-6)
+
+
+def test_multistep_eps_is_guided_ddim_by_hand():
+  images, text_cond, text_uncond = _inputs()
+  x = np.asarray(sds.pixel_model_input(jnp.asarray(images)))
+  timesteps = np.array([980, 501, 37], np.int32)
+  scale = np.array([1.0, 5.0, 20.0], np.float32)
+  noisy = x + 0.5 * np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+
+  def guided(sample, t):
+    cond = _stub_eps_np(sample, t, text_cond)[:, :3]
+    uncond = _stub_eps_np(sample, t, np.broadcast_to(text_uncond, text_cond.shape))[:, :3]
+    return uncond + scale[:, None, None, None] * (cond - uncond)
+
+  def alpha(t):
+    return ALPHAS_CUMPROD[t][:, None, None, None]
+
+  # Two deterministic DDIM steps: t -> t // 2 -> 0, the second step's x_0 the sample.
+  half = timesteps // 2
+  eps = guided(noisy, timesteps)
+  x0 = (noisy - np.sqrt(1 - alpha(timesteps)) * eps) / np.sqrt(alpha(timesteps))
+  middle = np.sqrt(alpha(half)) * x0 + np.sqrt(1 - alpha(half)) * eps
+  eps = guided(middle, half)
+  x0 = (middle - np.sqrt(1 - alpha(half)) * eps) / np.sqrt(alpha(half))
+  expected = (noisy - np.sqrt(alpha(timesteps)) * x0) / np.sqrt(1 - alpha(timesteps))
+
+  def multistep(steps):
+    return sds.multistep_eps(_stub_eps, jnp.asarray(noisy), jnp.asarray(timesteps),
+                             jnp.asarray(text_cond), jnp.asarray(text_uncond), jnp.asarray(scale),
+                             jnp.asarray(ALPHAS_CUMPROD, jnp.float32), steps)
+
+  np.testing.assert_allclose(multistep(2), expected, rtol=1e-3, atol=1e-3)
+  # One step is the guided estimate itself: SDS.
+  np.testing.assert_allclose(multistep(1), guided(noisy, timesteps), rtol=1e-3, atol=1e-3)
+
+
+def test_multistep_target_commits_to_one_mode_where_one_step_averages():
+  # Data: the image +m or -m, equally likely; the exact denoiser's x_0 estimate
+  # is m tanh(sqrt(a) <x_t, m> / (1 - a)) (the posterior mean).
+  alphas = jnp.asarray(ALPHAS_CUMPROD, jnp.float32)
+  m = jnp.full((1, 3, 4, 4), 0.5)
+
+  def exact_eps(noisy, t, text):
+    a = alphas[t][:, None, None, None]
+    x0 = m * jnp.tanh(jnp.sqrt(a) * jnp.sum(noisy * m, axis=(1, 2, 3), keepdims=True) / (1 - a))
+    return (noisy - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+
+  timestep = jnp.asarray([900], jnp.int32)
+  a = alphas[timestep][:, None, None, None]
+  noise = jax.random.normal(jax.random.PRNGKey(0), m.shape)
+  noise = noise - jnp.sum(noise * m) / jnp.sum(m * m) * m + 0.1 * m  # leans slightly to +m
+  noisy = jnp.sqrt(a) * m + jnp.sqrt(1 - a) * noise
+  text = jnp.zeros((1, 2, 3))
+
+  def x0_of(steps):
+    eps = sds.multistep_eps(exact_eps, noisy, timestep, text, text, 1.0, alphas, steps)
+    return (noisy - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+
+  one, many = x0_of(1), x0_of(50)
+  ratio_one = float(jnp.sum(one * m) / jnp.sum(m * m))
+  ratio_many = float(jnp.sum(many * m) / jnp.sum(m * m))
+  assert ratio_one < 0.6  # the average of the two images, shrunk toward 0
+  assert ratio_many > 0.95  # one of them: +m
+
+
+def test_multistep_sds_never_differentiates_the_unet():
+  images, text_cond, text_uncond = _inputs()
+
+  def loss_fn(images):
+    return sds.sds_loss(_stub_eps, sds.pixel_model_input(images), jax.random.PRNGKey(3),
+                        jnp.asarray(text_cond), jnp.asarray(text_uncond),
+                        alphas_cumprod=ALPHAS_CUMPROD, guidance_scale=5.0, denoise_steps=3)[0]
+
+  grad = jax.jit(jax.grad(loss_fn))(jnp.asarray(images))
+  assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+  with pytest.raises(ValueError, match="denoise_steps"):
+    sds.sds_loss(_stub_eps, jnp.zeros((1, 3, 8, 8)), jax.random.PRNGKey(0),
+                 jnp.asarray(text_cond[:1]), jnp.asarray(text_uncond),
+                 alphas_cumprod=ALPHAS_CUMPROD, guidance_scale=5.0, denoise_steps=0)
