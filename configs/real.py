@@ -48,9 +48,6 @@ def get_real_config(prompt_set: str, arg: str | None) -> ml_collections.ConfigDi
   config.guidance.t_range = (0.02, 0.98)  # SDS timesteps, fractions of the schedule (reimpl.)
   config.guidance.t_max_final = 0.98  # = t_range[1]: no annealing (reimpl.)
   config.guidance.weighting = "sds"  # w(t) = 1 - alpha_bar
-  # 1 = SDS; k > 1: the guided estimate is a k-step DDIM sample of x_t (an
-  # SDEdit target, att3d_jax/guidance/sds.py), k UNet calls per render.
-  config.guidance.denoise_steps = 1
 
   # The hypernet writes every grid entry: its output layer is hidden_width x
   # (L * T * F) = 32 x (8 * 2^16 * 2) = 32 x 1,048,576, i.e. 33.6M parameters

@@ -50,9 +50,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # model quality falls as t_max nears 0.5 (docs/design.md, History).
   config.guidance.t_max_final = 0.66
   config.guidance.weighting = "sds"  # w(t) = 1 - alpha_bar
-  # 1 = SDS; k > 1: the guided estimate is a k-step DDIM sample of x_t (an
-  # SDEdit target, att3d_jax/guidance/sds.py), k UNet calls per render.
-  config.guidance.denoise_steps = 1
 
   # Text embedding -> grid (att3d_jax/amortize/mapping.py).
   config.mapping = ml_collections.ConfigDict()

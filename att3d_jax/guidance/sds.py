@@ -12,15 +12,6 @@ dropped: its output is wrapped in `stop_gradient` and the loss is the surrogate
 SDS gradient (then chained through whatever produced x: the [0, 1] -> [-1, 1]
 map and resize in pixel mode, the VAE encoder in latent mode).
 
-With `denoise_steps` = k > 1 the single-step estimate is replaced by a
-multi-step one: x_t is denoised to x_0 in k deterministic DDIM steps (an
-SDEdit target, as in DreamGaussian's image-space refinement, Tang et al.
-2023, arXiv 2309.16653), and eps_hat becomes the noise that would take x_t to
-that x_0 in one step, (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t).
-The gradient keeps SDS's scale, w(t) sqrt(alpha_bar_t / (1 - alpha_bar_t))
-(x - x_0), and k = 1 is SDS exactly. A multi-step sample commits to one image
-where the one-step estimate averages over the images x_t could have come from.
-
 Two ways to get the model input x from renders:
   * pixel mode (DeepFloyd IF, the shapes model): `pixel_model_input`, images in
     [0, 1] -> [-1, 1] at the model's resolution (64x64 for IF stage I);
@@ -131,43 +122,10 @@ def latent_model_input(vae, images: jax.Array, image_size: int | None = 512) -> 
   return (posterior.mean - vae.shift_factor) * vae.scaling_factor
 
 
-def multistep_eps(eps_fn: schedule.EpsFn, noisy: jax.Array, timesteps: jax.Array,
-                  text_cond: jax.Array, text_uncond: jax.Array, guidance_scale,
-                  alphas_cumprod: jax.Array, num_steps: int) -> jax.Array:
-  """The noise that takes x_t to its `num_steps`-step guided DDIM sample in one step.
-
-  Sample b is denoised from timesteps[b] through timesteps[b] * (k - i) // k,
-  i = 0 .. k - 1 (k = num_steps), and the last step's x_0 prediction is the
-  sample. One UNet call per step (conditional and unconditional together).
-
-  Args:
-    noisy: [B, C, H, W] x_t; timesteps: [B] int32.
-    text_cond, text_uncond, guidance_scale: as `schedule.guided_eps`.
-    alphas_cumprod: [num_train_timesteps] float32.
-
-  Returns:
-    [B, C, H, W]: (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t).
-  """
-  def step(i, carry):
-    sample, _ = carry
-    t = timesteps * (num_steps - i) // num_steps
-    t_next = timesteps * (num_steps - i - 1) // num_steps
-    eps, _, _ = schedule.guided_eps(eps_fn, sample, t, text_cond, text_uncond, guidance_scale)
-    expand = lambda a: a[:, None, None, None]  # noqa: E731
-    sample, x0 = schedule.ddim_step(sample, eps, expand(alphas_cumprod[t]),
-                                    expand(alphas_cumprod[t_next]), 0.0, jnp.zeros_like(eps))
-    return sample, x0
-
-  _, x0 = jax.lax.fori_loop(0, num_steps, step, (noisy, jnp.zeros_like(noisy)))
-  alpha_bar = alphas_cumprod[timesteps][:, None, None, None]
-  return (noisy - jnp.sqrt(alpha_bar) * x0) / jnp.sqrt(1.0 - alpha_bar)
-
-
 def sds_loss(eps_fn: schedule.EpsFn, x: jax.Array, key: jax.Array,
              text_cond: jax.Array, text_uncond: jax.Array, *,
              alphas_cumprod: jax.Array, guidance_scale,
-             t_range=(0.02, 0.98), weighting: str = "sds",
-             denoise_steps: int = 1) -> tuple[jax.Array, dict]:
+             t_range=(0.02, 0.98), weighting: str = "sds") -> tuple[jax.Array, dict]:
   """SDS loss whose gradient w.r.t. x is exactly w(t) (eps_hat - eps).
 
   One UNet call evaluates the conditional and unconditional branches together.
@@ -186,8 +144,6 @@ def sds_loss(eps_fn: schedule.EpsFn, x: jax.Array, key: jax.Array,
     t_range: (t_min, t_max), fractions of num_train_timesteps; see
       `annealed_t_range` for a decreasing t_max.
     weighting: w(t), one of WEIGHTINGS.
-    denoise_steps: 1 for SDS; k > 1 replaces eps_hat by `multistep_eps`'s
-      k-step estimate (k UNet calls).
 
   Returns:
     loss: scalar surrogate sum_b <stop_gradient(grad_b), x_b>. Only its gradient
@@ -210,12 +166,6 @@ def sds_loss(eps_fn: schedule.EpsFn, x: jax.Array, key: jax.Array,
   noisy = jax.lax.stop_gradient(jnp.sqrt(alpha_bar) * x + jnp.sqrt(1.0 - alpha_bar) * noise)
   eps_hat, eps_cond, eps_uncond = jax.lax.stop_gradient(schedule.guided_eps(
       eps_fn, noisy, timesteps, text_cond, text_uncond, guidance_scale))
-  if denoise_steps > 1:
-    eps_hat = jax.lax.stop_gradient(multistep_eps(
-        eps_fn, noisy, timesteps, text_cond, text_uncond, guidance_scale, alphas_cumprod,
-        denoise_steps))
-  elif denoise_steps != 1:
-    raise ValueError(f"denoise_steps must be >= 1, got {denoise_steps}")
   weight = sds_weight(alpha_bar[:, 0, 0, 0], weighting)
   grad = weight[:, None, None, None] * (eps_hat - noise)
   loss_per_sample = jnp.sum(grad * x, axis=(1, 2, 3))
