@@ -151,8 +151,7 @@ def classifier_cameras(key: jax.Array, num_views: int, azimuths_deg: Sequence[fl
   world's distance and field-of-view ranges."""
   if not azimuths_deg:
     return cameras_lib.sample_cameras(
-        key, num_views,
-        scenes.CAMERA_ELEVATION_RANGE_DEG, scenes.CAMERA_AZIMUTH_RANGE_DEG,
+        key, num_views, scenes.CAMERA_ELEVATION_RANGE_DEG, scenes.CAMERA_AZIMUTH_RANGE_DEG,
         scenes.CAMERA_DISTANCE_RANGE, scenes.CAMERA_FOV_Y_RANGE_DEG)
   return cameras_lib.orbit_cameras(
       np.deg2rad(elevation_deg), np.deg2rad(np.asarray(azimuths_deg, np.float32)),
