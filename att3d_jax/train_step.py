@@ -158,7 +158,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: model_lib.ATT3DMod
                             text.reshape((-1,) + text.shape[3:]), guidance.uncond,
                             alphas_cumprod=guidance.alphas_cumprod,
                             guidance_scale=scale.reshape(-1), t_range=t_range,
-                            weighting=config.guidance.weighting)
+                            weighting=config.guidance.weighting,
+                            guidance_interval=tuple(config.guidance.get("interval", (0.0, 1.0))))
       per_prompt_loss = aux["loss_per_sample"].reshape(rows, k, views).sum(-1)
       loss = jnp.mean(interpolation.mix_losses(per_prompt_loss, loss_weights))
       if opacity_penalty:

@@ -48,6 +48,10 @@ def get_real_config(prompt_set: str, arg: str | None) -> ml_collections.ConfigDi
   config.guidance.t_range = (0.02, 0.98)  # SDS timesteps, fractions of the schedule (reimpl.)
   config.guidance.t_max_final = 0.98  # = t_range[1]: no annealing (reimpl.)
   config.guidance.weighting = "sds"  # w(t) = 1 - alpha_bar
+  # The CFG weight applies where t lies in this range (fractions of the schedule);
+  # outside it SDS uses the conditional model alone (weight 1): guidance in a
+  # limited interval (Kynkaanniemi et al. 2024). (0, 1) guides every t.
+  config.guidance.interval = (0.0, 1.0)
 
   # The hypernet writes every grid entry: its output layer is hidden_width x
   # (L * T * F) = 32 x (8 * 2^16 * 2) = 32 x 1,048,576, i.e. 33.6M parameters

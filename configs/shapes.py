@@ -50,6 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # model quality falls as t_max nears 0.5 (docs/design.md, History).
   config.guidance.t_max_final = 0.66
   config.guidance.weighting = "sds"  # w(t) = 1 - alpha_bar
+  # The CFG weight applies where t lies in this range (fractions of the schedule);
+  # outside it SDS uses the conditional model alone (weight 1): guidance in a
+  # limited interval (Kynkaanniemi et al. 2024). (0, 1) guides every t.
+  config.guidance.interval = (0.0, 1.0)
 
   # Text embedding -> grid (att3d_jax/amortize/mapping.py).
   config.mapping = ml_collections.ConfigDict()

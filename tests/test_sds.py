@@ -82,16 +82,23 @@ def test_pixel_gradient_is_weighted_eps_residual():
       aux["guidance_rms"], np.sqrt(((eps_cond - eps_uncond) ** 2).mean(axis=(1, 2, 3))), rtol=1e-4)
 
 
-def test_scalar_guidance_and_weightings():
-  images, text_cond, text_uncond = _inputs(batch=2, seed=1)
+def _sds_grad_fn(batch, seed, key):
+  """grad(guidance_scale, **sds_loss options) -> (d loss / d x, aux) on fixed inputs."""
+  images, text_cond, text_uncond = _inputs(batch=batch, seed=seed)
   x = sds.pixel_model_input(jnp.asarray(images))
-  key = jax.random.PRNGKey(0)
 
-  def grad(guidance_scale, weighting):
+  def grad(guidance_scale, **options):
     loss_fn = lambda x: sds.sds_loss(_stub_eps, x, key, text_cond, text_uncond,
                                      alphas_cumprod=ALPHAS_CUMPROD, guidance_scale=guidance_scale,
-                                     weighting=weighting)
+                                     **options)
     return jax.jit(jax.grad(loss_fn, has_aux=True))(x)
+
+  return grad
+
+
+def test_scalar_guidance_and_weightings():
+  grad = lambda scale, weighting: _sds_grad_fn(2, 1, jax.random.PRNGKey(0))(scale,
+                                                                           weighting=weighting)
 
   scalar, aux = grad(5.0, "uniform")
   per_sample, _ = grad(jnp.array([5.0, 5.0]), "uniform")
@@ -102,6 +109,27 @@ def test_scalar_guidance_and_weightings():
                              atol=1e-6)
   with pytest.raises(ValueError, match="unknown SDS weighting 'snr'.*uniform"):
     grad(5.0, "snr")
+
+
+def test_guidance_interval_guides_only_the_samples_inside_it():
+  sds_grad = _sds_grad_fn(8, 3, jax.random.PRNGKey(4))
+  grad = lambda scale, interval: sds_grad(scale, guidance_interval=interval)
+
+  guided, aux = grad(7.0, (0.0, 1.0))
+  unguided, _ = grad(1.0, (0.0, 1.0))
+  interval = (0.3, 0.6)
+  mixed, mixed_aux = grad(7.0, interval)
+  t_fraction = np.asarray(aux["t"]) / 1000
+  inside = (t_fraction >= interval[0]) & (t_fraction <= interval[1])
+  assert 0 < inside.sum() < len(inside)  # the key draws samples on both sides
+  np.testing.assert_array_equal(mixed_aux["t"], aux["t"])  # the same noise and t
+  np.testing.assert_allclose(mixed, np.where(inside[:, None, None, None], guided, unguided),
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(mixed_aux["guidance_scale"], np.where(inside, 7.0, 1.0))
+  np.testing.assert_array_equal(aux["guidance_scale"], np.full(8, 7.0))
+  for bad in [(0.6, 0.3), (-0.1, 0.5), (0.2, 1.5)]:
+    with pytest.raises(ValueError, match="guidance_interval"):
+      grad(7.0, bad)
 
 
 def test_resize_and_learned_variance_channels():

@@ -125,7 +125,8 @@ def latent_model_input(vae, images: jax.Array, image_size: int | None = 512) -> 
 def sds_loss(eps_fn: schedule.EpsFn, x: jax.Array, key: jax.Array,
              text_cond: jax.Array, text_uncond: jax.Array, *,
              alphas_cumprod: jax.Array, guidance_scale,
-             t_range=(0.02, 0.98), weighting: str = "sds") -> tuple[jax.Array, dict]:
+             t_range=(0.02, 0.98), weighting: str = "sds",
+             guidance_interval: Sequence[float] = (0.0, 1.0)) -> tuple[jax.Array, dict]:
   """SDS loss whose gradient w.r.t. x is exactly w(t) (eps_hat - eps).
 
   One UNet call evaluates the conditional and unconditional branches together.
@@ -144,6 +145,10 @@ def sds_loss(eps_fn: schedule.EpsFn, x: jax.Array, key: jax.Array,
     t_range: (t_min, t_max), fractions of num_train_timesteps; see
       `annealed_t_range` for a decreasing t_max.
     weighting: w(t), one of WEIGHTINGS.
+    guidance_interval: (low, high) fractions of num_train_timesteps: samples
+      whose t lies outside [low, high] get CFG weight 1, the conditional model
+      alone (guidance in a limited interval, Kynkaanniemi et al. 2024, arXiv
+      2404.07724). (0, 1), the default, guides every sample.
 
   Returns:
     loss: scalar surrogate sum_b <stop_gradient(grad_b), x_b>. Only its gradient
@@ -151,21 +156,29 @@ def sds_loss(eps_fn: schedule.EpsFn, x: jax.Array, key: jax.Array,
     aux: diagnostics, each [B]:
       loss_per_sample: the surrogate per sample (differentiable, so per-sample
         weights, e.g. for loss interpolation, can be applied to it);
-      t: int32 timesteps; weight: w(t);
+      t: int32 timesteps; weight: w(t); guidance_scale: the CFG weight used;
       grad_norm: ||w(t) (eps_hat - eps)||_2;
       guidance_rms: RMS of eps_cond - eps_uncond (how much the text steers);
       cond_error_rms: RMS of eps_cond - eps (denoising error given the text).
   """
+  low, high = guidance_interval
+  if not 0.0 <= low < high <= 1.0:
+    raise ValueError(f"guidance_interval={tuple(guidance_interval)} must be (low, high) with "
+                     "0 <= low < high <= 1 (fractions of the noise schedule).")
   alphas_cumprod = jnp.asarray(alphas_cumprod, jnp.float32)
-  batch = x.shape[0]
+  batch, num_train_timesteps = x.shape[0], alphas_cumprod.shape[0]
   t_key, noise_key = jax.random.split(key)
-  timesteps = sample_timesteps(t_key, batch, alphas_cumprod.shape[0], t_range)
+  timesteps = sample_timesteps(t_key, batch, num_train_timesteps, t_range)
+  t_fraction = timesteps.astype(jnp.float32) / num_train_timesteps
+  guided = (t_fraction >= low) & (t_fraction <= high)
+  scale = jnp.where(guided, jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,)),
+                    1.0)
   noise = jax.random.normal(noise_key, x.shape, jnp.float32)
   alpha_bar = alphas_cumprod[timesteps][:, None, None, None]
   # The UNet sees a constant: no tangents enter it, so its Jacobian is never built.
   noisy = jax.lax.stop_gradient(jnp.sqrt(alpha_bar) * x + jnp.sqrt(1.0 - alpha_bar) * noise)
   eps_hat, eps_cond, eps_uncond = jax.lax.stop_gradient(schedule.guided_eps(
-      eps_fn, noisy, timesteps, text_cond, text_uncond, guidance_scale))
+      eps_fn, noisy, timesteps, text_cond, text_uncond, scale))
   weight = sds_weight(alpha_bar[:, 0, 0, 0], weighting)
   grad = weight[:, None, None, None] * (eps_hat - noise)
   loss_per_sample = jnp.sum(grad * x, axis=(1, 2, 3))
@@ -177,6 +190,7 @@ def sds_loss(eps_fn: schedule.EpsFn, x: jax.Array, key: jax.Array,
       loss_per_sample=loss_per_sample,
       t=timesteps,
       weight=weight,
+      guidance_scale=scale,
       grad_norm=jnp.sqrt(jnp.sum(jnp.square(grad), axis=(1, 2, 3))),
       guidance_rms=rms(eps_cond - eps_uncond),
       cond_error_rms=rms(eps_cond - noise),
