@@ -18,11 +18,15 @@ masks' area, per weight and noise level. (w = 1 is the conditional model
 alone.) `--rescales` adds CFG rescale (Lin et al., arXiv 2305.08891;
 diffusers' `guidance_rescale`): eps_hat is scaled to the conditional eps's
 standard deviation per image and a fraction phi of that mixed in.
+`--negative=next_prompt` puts a negative prompt in eps_u's place: the next
+held-out prompt's caption, with this image's view suffix (a contrast
+between prompts instead of against the empty caption).
 Measurements: docs/results/compositional_scale.md ("The halo is classifier-free
 guidance").
 
   python -m experiments.cfg_inflation --out_dir=runs/cfg_inflation
   python -m experiments.cfg_inflation --weights=3,5,10 --rescales=0,0.5,0.7,1
+  python -m experiments.cfg_inflation --weights=1,2,3,5 --negative=next_prompt
 
 Writes results.json into --out_dir: area_ratio[weight][level] (no rescale),
 rescaled[phi][weight][level] for each nonzero phi, the settings and seconds.
@@ -55,6 +59,8 @@ DEFAULT_T_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 # albedo, lies 0.35 away), so on clean renders the thresholded area is the
 # GT mask's.
 DEFAULT_THRESHOLD = 0.2
+# What the unguided branch eps_u is conditioned on (`run`'s `negative`).
+NEGATIVES = ("empty", "next_prompt")
 
 
 def rescale_guided(eps_hat: jax.Array, eps_cond: jax.Array, phi) -> jax.Array:
@@ -76,7 +82,8 @@ def guided_foreground(eps_fn, alphas_cumprod: jax.Array, images: jax.Array,
     eps_fn: the denoiser (noisy [N, 3, H, W], t [N], conditioning [N, ...]) -> eps.
     alphas_cumprod: [num_train_timesteps].
     images: [B, 3, H, W] clean model inputs in [-1, 1].
-    conditioning: [B, ...] each image's caption; uncond: [1, ...] the empty one.
+    conditioning: [B, ...] each image's caption; uncond: [1, ...] the empty one,
+      or [B, ...] a negative caption per image.
     timesteps: [T] int32.
     noise: [T, S, B, 3, H, W]: S noise draws per level.
     weights: [W] CFG weights.
@@ -112,8 +119,13 @@ def guided_foreground(eps_fn, alphas_cumprod: jax.Array, images: jax.Array,
 
 def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
         t_fractions: Sequence[float], num_noise: int, threshold: float, seed: int,
-        rescales: Sequence[float] = ()) -> dict:
-  """Area ratios of guided x0_hat to the GT masks; returns them with the settings."""
+        rescales: Sequence[float] = (), negative: str = "empty") -> dict:
+  """Area ratios of guided x0_hat to the GT masks; returns them with the settings.
+
+  `negative`: one of NEGATIVES, what eps_u is conditioned on (module docstring).
+  """
+  if negative not in NEGATIVES:
+    raise ValueError(f"unknown negative {negative!r}; expected one of {NEGATIVES}")
   start = time.perf_counter()
   model = diffusion.ShapesDiffusionModel(model_dir)
   size = model.image_size
@@ -136,7 +148,11 @@ def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
   num_timesteps = model.alphas_cumprod.shape[0]
   timesteps = jnp.asarray([int(round(t * (num_timesteps - 1))) for t in t_fractions], jnp.int32)
   noise = jax.random.normal(noise_key, (len(t_fractions), num_noise) + images.shape)
-  uncond = jnp.zeros_like(conditioning[:1])  # the unconditional input, as in diffusion.as_guidance
+  if negative == "empty":
+    uncond = jnp.zeros_like(conditioning[:1])  # unconditional, as in diffusion.as_guidance
+  else:  # image i's negative: prompt i + 1, seen from image i's camera
+    uncond = model.conditioning([prompts[(i + 1) % len(prompts)] + cameras_lib.view_suffix(v)
+                                 for i, v in enumerate(labels)])
   areas = np.asarray(guided_foreground(
       model.eps_fn(), model.alphas_cumprod, images, conditioning, uncond, timesteps, noise,
       jnp.asarray(weights, jnp.float32), jnp.asarray([0.0, *rescales], jnp.float32),
@@ -150,7 +166,7 @@ def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
   return {"area_ratio": table(ratio[0]),
           "rescaled": {str(phi): table(rows) for phi, rows in zip(rescales, ratio[1:])},
           "gt_area_pixels": gt_area, "model_dir": model_dir, "num_prompts": len(prompts),
-          "weights": list(weights), "rescales": list(rescales),
+          "weights": list(weights), "rescales": list(rescales), "negative": negative,
           "t_fractions": list(t_fractions), "num_noise": num_noise,
           "threshold": threshold, "seed": seed,
           "seconds": round(time.perf_counter() - start, 1)}
@@ -163,7 +179,7 @@ def main(argv):
   rescales = [float(phi) for phi in _RESCALES.value if float(phi) != 0.0]
   summary = run(_MODEL_DIR.value, prompts, [float(w) for w in _WEIGHTS.value],
                 [float(t) for t in _T_FRACTIONS.value], _NUM_NOISE.value, _THRESHOLD.value,
-                _SEED.value, rescales)
+                _SEED.value, rescales, _NEGATIVE.value)
   out_dir = pathlib.Path(_OUT_DIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
@@ -191,6 +207,8 @@ if __name__ == "__main__":
   _T_FRACTIONS = flags.DEFINE_list("t_fractions", [str(t) for t in DEFAULT_T_FRACTIONS],
                                    "timesteps as fractions of the schedule")
   _RESCALES = flags.DEFINE_list("rescales", [], "CFG rescale fractions phi to add (0 = none)")
+  _NEGATIVE = flags.DEFINE_enum("negative", "empty", NEGATIVES,
+                                "eps_u's caption: the empty one, or the next prompt's")
   _NUM_NOISE = flags.DEFINE_integer("num_noise", 4, "noise draws per level")
   _THRESHOLD = flags.DEFINE_float("threshold", DEFAULT_THRESHOLD,
                                   "foreground: this far from the background in [0, 1] RGB")

@@ -4,21 +4,23 @@ denoiser whose answer is known, and a command-line run of a tiny model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import cfg_inflation
 
 import conftest
 
 
-def test_guided_foreground_matches_brute_force():
+@pytest.mark.parametrize("num_negatives", [1, 3])  # the empty caption; one per image
+def test_guided_foreground_matches_brute_force(num_negatives):
   # x0_hat of this denoiser is its caption's image, so the guided estimate is
-  # u + w (c - u) for captions c and the empty one u.
+  # u + w (c - u) for captions c and the empty (or negative) ones u.
   alphas_cumprod = jnp.linspace(0.99, 0.05, 100)
   eps_fn = conftest.caption_image_denoiser(alphas_cumprod)
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   batch, size = 3, 5
   captions = jax.random.uniform(keys[0], (batch, 3, size, size), minval=-1.0, maxval=1.0)
-  uncond = jax.random.uniform(keys[1], (1, 3, size, size), minval=-1.0, maxval=1.0)
+  uncond = jax.random.uniform(keys[1], (num_negatives, 3, size, size), minval=-1.0, maxval=1.0)
   images = jnp.zeros((batch, 3, size, size))  # what the denoiser is given hardly matters
   timesteps = jnp.asarray([10, 70], jnp.int32)
   noise = jax.random.normal(keys[2], (2, 2, batch, 3, size, size))
@@ -62,9 +64,23 @@ def test_command_line_writes_results(tiny_shapes_model, tmp_path):
                                     "--weights=1,5", "--t_fractions=0.5", "--num_noise=1",
                                     "--rescales=0.7"],
       tmp_path)
+  assert summary["negative"] == "empty"
   assert summary["num_prompts"] == 2 and summary["gt_area_pixels"] > 0
   assert set(summary["area_ratio"]) == {"1.0", "5.0"}
   for row in summary["area_ratio"].values():
     assert set(row) == {"0.5"} and np.isfinite(row["0.5"]) and row["0.5"] >= 0.0
   assert set(summary["rescaled"]) == {"0.7"} and set(summary["rescaled"]["0.7"]) == {"1.0", "5.0"}
   assert "CFG weight" in stdout and "CFG rescale phi = 0.7" in stdout
+
+
+def test_next_prompt_negative_changes_only_the_guided_areas(tiny_shapes_model):
+  prompts = ["a red cube", "a blue torus wearing a green beanie"]
+  common = dict(weights=[1.0, 5.0], t_fractions=[0.5], num_noise=1, threshold=0.2, seed=0)
+  empty = cfg_inflation.run(tiny_shapes_model, prompts, **common)
+  contrast = cfg_inflation.run(tiny_shapes_model, prompts, negative="next_prompt", **common)
+  assert contrast["negative"] == "next_prompt"
+  # w = 1 is the conditional model alone, whatever the negative; w = 5 is not.
+  assert contrast["area_ratio"]["1.0"] == empty["area_ratio"]["1.0"]
+  assert contrast["area_ratio"]["5.0"] != empty["area_ratio"]["5.0"]
+  with pytest.raises(ValueError, match="unknown negative 'other'"):
+    cfg_inflation.run(tiny_shapes_model, prompts, negative="other", **common)
