@@ -117,6 +117,19 @@ def guided_foreground(eps_fn, alphas_cumprod: jax.Array, images: jax.Array,
   return jnp.transpose(jnp.stack(per_level), (2, 3, 0, 1))
 
 
+def negative_conditioning(model: diffusion.ShapesDiffusionModel, prompts: Sequence[str],
+                          view_labels: Sequence[str], negative: str) -> jax.Array:
+  """eps_u's conditioning for image i (prompt i seen from view i): "empty", the
+  unconditional input [1, ...] as in diffusion.as_guidance; "next_prompt", prompt
+  i + 1 (cyclically) with view i's suffix, [B, ...]."""
+  if negative == "empty":
+    return jnp.zeros_like(model.conditioning([prompts[0]]))
+  if negative == "next_prompt":
+    return model.conditioning([prompts[(i + 1) % len(prompts)] + cameras_lib.view_suffix(v)
+                               for i, v in enumerate(view_labels)])
+  raise ValueError(f"unknown negative {negative!r}; expected one of {NEGATIVES}")
+
+
 def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
         t_fractions: Sequence[float], num_noise: int, threshold: float, seed: int,
         rescales: Sequence[float] = (), negative: str = "empty") -> dict:
@@ -124,8 +137,6 @@ def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
 
   `negative`: one of NEGATIVES, what eps_u is conditioned on (module docstring).
   """
-  if negative not in NEGATIVES:
-    raise ValueError(f"unknown negative {negative!r}; expected one of {NEGATIVES}")
   start = time.perf_counter()
   model = diffusion.ShapesDiffusionModel(model_dir)
   size = model.image_size
@@ -148,11 +159,7 @@ def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
   num_timesteps = model.alphas_cumprod.shape[0]
   timesteps = jnp.asarray([int(round(t * (num_timesteps - 1))) for t in t_fractions], jnp.int32)
   noise = jax.random.normal(noise_key, (len(t_fractions), num_noise) + images.shape)
-  if negative == "empty":
-    uncond = jnp.zeros_like(conditioning[:1])  # unconditional, as in diffusion.as_guidance
-  else:  # image i's negative: prompt i + 1, seen from image i's camera
-    uncond = model.conditioning([prompts[(i + 1) % len(prompts)] + cameras_lib.view_suffix(v)
-                                 for i, v in enumerate(labels)])
+  uncond = negative_conditioning(model, prompts, labels, negative)
   areas = np.asarray(guided_foreground(
       model.eps_fn(), model.alphas_cumprod, images, conditioning, uncond, timesteps, noise,
       jnp.asarray(weights, jnp.float32), jnp.asarray([0.0, *rescales], jnp.float32),

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from att3d_jax.shapes import diffusion
 from experiments import cfg_inflation
 
 import conftest
@@ -62,9 +63,9 @@ def test_command_line_writes_results(tiny_shapes_model, tmp_path):
   summary, stdout = conftest.run_experiment(
       "experiments.cfg_inflation", [f"--model_dir={tiny_shapes_model}", "--every=200",
                                     "--weights=1,5", "--t_fractions=0.5", "--num_noise=1",
-                                    "--rescales=0.7"],
+                                    "--rescales=0.7", "--negative=next_prompt"],
       tmp_path)
-  assert summary["negative"] == "empty"
+  assert summary["negative"] == "next_prompt"
   assert summary["num_prompts"] == 2 and summary["gt_area_pixels"] > 0
   assert set(summary["area_ratio"]) == {"1.0", "5.0"}
   for row in summary["area_ratio"].values():
@@ -73,14 +74,14 @@ def test_command_line_writes_results(tiny_shapes_model, tmp_path):
   assert "CFG weight" in stdout and "CFG rescale phi = 0.7" in stdout
 
 
-def test_next_prompt_negative_changes_only_the_guided_areas(tiny_shapes_model):
-  prompts = ["a red cube", "a blue torus wearing a green beanie"]
-  common = dict(weights=[1.0, 5.0], t_fractions=[0.5], num_noise=1, threshold=0.2, seed=0)
-  empty = cfg_inflation.run(tiny_shapes_model, prompts, **common)
-  contrast = cfg_inflation.run(tiny_shapes_model, prompts, negative="next_prompt", **common)
-  assert contrast["negative"] == "next_prompt"
-  # w = 1 is the conditional model alone, whatever the negative; w = 5 is not.
-  assert contrast["area_ratio"]["1.0"] == empty["area_ratio"]["1.0"]
-  assert contrast["area_ratio"]["5.0"] != empty["area_ratio"]["5.0"]
+def test_negative_conditioning(tiny_shapes_model):
+  model = diffusion.ShapesDiffusionModel(tiny_shapes_model)
+  prompts, labels = ["a red cube", "a blue torus", "a small green cone"], ["front", "side", "back"]
+  empty = cfg_inflation.negative_conditioning(model, prompts, labels, "empty")
+  np.testing.assert_array_equal(empty, np.zeros_like(model.conditioning(["x"])))
+  contrast = cfg_inflation.negative_conditioning(model, prompts, labels, "next_prompt")
+  expected = model.conditioning(["a blue torus, front view", "a small green cone, side view",
+                                 "a red cube, back view"])
+  np.testing.assert_array_equal(contrast, expected)
   with pytest.raises(ValueError, match="unknown negative 'other'"):
-    cfg_inflation.run(tiny_shapes_model, prompts, negative="other", **common)
+    cfg_inflation.negative_conditioning(model, prompts, labels, "other")
