@@ -52,7 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.guidance.weighting = "sds"  # w(t) = 1 - alpha_bar
   # The CFG weight applies where t lies in this range (fractions of the schedule);
   # outside it SDS uses the conditional model alone (weight 1): guidance in a
-  # limited interval (Kynkaanniemi et al. 2024). (0, 1) guides every t.
+  # limited interval (Kynkaanniemi et al. 2024). (0, 1) guides every t: on
+  # shapes_2400 guiding only t <= 0.5 rounded cubes and pyramids
+  # (docs/results/compositional_scale.md, "The halo is classifier-free guidance").
   config.guidance.interval = (0.0, 1.0)
 
   # Text embedding -> grid (att3d_jax/amortize/mapping.py).
