@@ -17,6 +17,7 @@ weights as a diffusers folder (unet/, scheduler/, text_encoder.json) loadable
 by diffusers in PyTorch and by `att3d_jax.guidance.load_unet`.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -204,6 +205,22 @@ def export(folder: str, config: ml_collections.ConfigDict, module_config, params
                                "unconditional"}, f, indent=2)
 
 
+def init_params_from(init_from: str, module_config: unet_lib.UNetConfig):
+  """The UNet params of the diffusers folder `init_from`, to continue training them.
+
+  Its config must be `module_config` but for sample_size: the UNet is
+  convolutional, so the same weights run at any resolution, and a model can be
+  fine-tuned at another one (with config.camera.height and width and
+  config.unet.sample_size set to it).
+  """
+  loaded = unet_lib.load_unet(assets.resolve(init_from))
+  if dataclasses.replace(loaded.config, sample_size=module_config.sample_size) != module_config:
+    raise ValueError(f"--init_from={init_from!r} holds a UNet whose config differs from "
+                     "config.unet in more than sample_size; train it with the config it was "
+                     "made with")
+  return loaded.params
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | None,
           init_from: str | None = None) -> dict:
   workdir = pathlib.Path(workdir)
@@ -221,11 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, export_dir: str | Non
   module_config = unet_lib.UNetConfig.from_dict(dict(config.unet))
   module = unet_lib.UNet2DConditionModel(module_config)
   if init_from:
-    loaded = unet_lib.load_unet(assets.resolve(init_from))
-    if loaded.config != module_config:
-      raise ValueError(f"--init_from={init_from!r} holds a UNet whose config differs from "
-                       "config.unet; train it with the config it was made with")
-    init_params = loaded.params
+    init_params = init_params_from(init_from, module_config)
   else:
     init_params = jax.jit(module.init)(jax.random.fold_in(root_key, 0),
                                        **unet_lib.example_inputs(module_config))["params"]

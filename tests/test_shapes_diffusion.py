@@ -1,17 +1,20 @@
 """The shapes diffusion model's glue, export and training/SDS scripts."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
 import sys
 
 import diffusers
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from att3d_jax import assets
+from att3d_jax.guidance import unet as unet_lib
 from att3d_jax.shapes import diffusion
 from configs import sds_single as sds_single_config
 from configs import shapes_diffusion as shapes_diffusion_config
@@ -112,6 +115,19 @@ def _train_quick_cli(workdir, cpu_devices: int) -> tuple[str, list[float]]:
   assert out.returncode == 0, out.stderr[-3000:]
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   return out.stdout + out.stderr, [json.loads(line)["loss"] for line in lines]
+
+
+def test_init_from_takes_a_model_made_at_another_resolution(tiny_shapes_model):
+  loaded = unet_lib.load_unet(tiny_shapes_model)
+  at_64 = dataclasses.replace(loaded.config, sample_size=64)
+  assert at_64 != loaded.config
+  params = train_shapes_diffusion.init_params_from(tiny_shapes_model, at_64)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.params)):
+    np.testing.assert_array_equal(got, want)
+  wider = dataclasses.replace(at_64, block_out_channels=tuple(
+      2 * c for c in loaded.config.block_out_channels))
+  with pytest.raises(ValueError, match="differs from config.unet in more than sample_size"):
+    train_shapes_diffusion.init_params_from(tiny_shapes_model, wider)
 
 
 @pytest.mark.slow  # minutes under `pytest -n 2`: kept out of the default suite
