@@ -97,9 +97,8 @@ def _sds_grad_fn(batch, seed, key):
 
 
 def test_scalar_guidance_and_weightings():
-  grad = lambda scale, weighting: _sds_grad_fn(2, 1, jax.random.PRNGKey(0))(scale,
-                                                                           weighting=weighting)
-
+  sds_grad = _sds_grad_fn(2, 1, jax.random.PRNGKey(0))
+  grad = lambda scale, weighting: sds_grad(scale, weighting=weighting)
   scalar, aux = grad(5.0, "uniform")
   per_sample, _ = grad(jnp.array([5.0, 5.0]), "uniform")
   np.testing.assert_array_equal(scalar, per_sample)
