@@ -118,12 +118,14 @@ def guided_foreground(eps_fn, alphas_cumprod: jax.Array, images: jax.Array,
 
 
 def negative_conditioning(model: diffusion.ShapesDiffusionModel, prompts: Sequence[str],
-                          view_labels: Sequence[str], negative: str) -> jax.Array:
-  """eps_u's conditioning for image i (prompt i seen from view i): "empty", the
-  unconditional input [1, ...] as in diffusion.as_guidance; "next_prompt", prompt
-  i + 1 (cyclically) with view i's suffix, [B, ...]."""
+                          view_labels: Sequence[str], conditioning: jax.Array,
+                          negative: str) -> jax.Array:
+  """eps_u's conditioning for image i (prompt i seen from view i, captioned as
+  `conditioning` [B, ...]): "empty", the unconditional input [1, ...] as in
+  diffusion.as_guidance; "next_prompt", prompt i + 1 (cyclically) with view i's
+  suffix, [B, ...]."""
   if negative == "empty":
-    return jnp.zeros_like(model.conditioning([prompts[0]]))
+    return jnp.zeros_like(conditioning[:1])
   if negative == "next_prompt":
     return model.conditioning([prompts[(i + 1) % len(prompts)] + cameras_lib.view_suffix(v)
                                for i, v in enumerate(view_labels)])
@@ -159,7 +161,7 @@ def run(model_dir: str, prompts: Sequence[str], weights: Sequence[float],
   num_timesteps = model.alphas_cumprod.shape[0]
   timesteps = jnp.asarray([int(round(t * (num_timesteps - 1))) for t in t_fractions], jnp.int32)
   noise = jax.random.normal(noise_key, (len(t_fractions), num_noise) + images.shape)
-  uncond = negative_conditioning(model, prompts, labels, negative)
+  uncond = negative_conditioning(model, prompts, labels, conditioning, negative)
   areas = np.asarray(guided_foreground(
       model.eps_fn(), model.alphas_cumprod, images, conditioning, uncond, timesteps, noise,
       jnp.asarray(weights, jnp.float32), jnp.asarray([0.0, *rescales], jnp.float32),

@@ -77,11 +77,13 @@ def test_command_line_writes_results(tiny_shapes_model, tmp_path):
 def test_negative_conditioning(tiny_shapes_model):
   model = diffusion.ShapesDiffusionModel(tiny_shapes_model)
   prompts, labels = ["a red cube", "a blue torus", "a small green cone"], ["front", "side", "back"]
-  empty = cfg_inflation.negative_conditioning(model, prompts, labels, "empty")
-  np.testing.assert_array_equal(empty, np.zeros_like(model.conditioning(["x"])))
-  contrast = cfg_inflation.negative_conditioning(model, prompts, labels, "next_prompt")
+  captions = model.conditioning([p + f", {v} view" for p, v in zip(prompts, labels)])
+  negative = lambda kind: cfg_inflation.negative_conditioning(model, prompts, labels, captions,
+                                                              kind)
+  np.testing.assert_array_equal(negative("empty"), np.zeros_like(model.conditioning(["x"])))
+  contrast = negative("next_prompt")
   expected = model.conditioning(["a blue torus, front view", "a small green cone, side view",
                                  "a red cube, back view"])
   np.testing.assert_array_equal(contrast, expected)
   with pytest.raises(ValueError, match="unknown negative 'other'"):
-    cfg_inflation.negative_conditioning(model, prompts, labels, "other")
+    negative("other")
