@@ -51,6 +51,8 @@ from att3d_jax.shapes import scenes
 FACTOR_VALUES = {"color": tuple(scenes.COLORS), "shape": scenes.SHAPES,
                  "size": tuple(scenes.SIZES), "hat": scenes.HATS,
                  "hat_color": tuple(scenes.COLORS)}
+HAT_FILTERS = {"any": lambda scene: True, "with": lambda scene: scene.hat is not None,
+               "none": lambda scene: scene.hat is None}
 DEFAULT_T_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -69,14 +71,19 @@ def candidate_scenes(scene: scenes.Scene, factor: str) -> list[scenes.Scene]:
   return [dataclasses.replace(scene, **{factor: value}) for value in FACTOR_VALUES[factor]]
 
 
-def choose_prompts(prompts: Sequence[str], factor: str, per_value: int) -> list[str]:
+def choose_prompts(prompts: Sequence[str], factor: str, per_value: int,
+                   hats: str = "any") -> list[str]:
   """The first `per_value` prompts (in `prompts` order) of each value of
   `factor`, grouped by value in FACTOR_VALUES order; prompts the factor does
-  not apply to (hatless ones for hat factors) are skipped."""
+  not apply to (hatless ones for hat factors) are skipped, and so are those
+  `hats` leaves out: "any" keeps all, "with" only prompts with a hat, "none"
+  only hatless ones (4% of the world's scenes)."""
+  if hats not in HAT_FILTERS:
+    raise ValueError(f"unknown hats={hats!r}; expected one of {tuple(HAT_FILTERS)}")
   by_value = collections.defaultdict(list)
   for prompt in prompts:
     scene = scenes.parse_prompt(prompt)
-    if factor_applies(scene, factor):
+    if factor_applies(scene, factor) and HAT_FILTERS[hats](scene):
       by_value[getattr(scene, factor)].append(prompt)
   missing = [value for value in FACTOR_VALUES[factor] if len(by_value[value]) < per_value]
   if missing:
@@ -160,13 +167,14 @@ def classifier_cameras(key: jax.Array, num_views: int, azimuths_deg: Sequence[fl
 
 def run(model_dir: str, prompts: Sequence[str], factor: str, prompts_per_value: int,
         num_views: int, t_fractions: Sequence[float], seed: int,
-        azimuths_deg: Sequence[float] = (), elevation_deg: float = 15.0) -> dict:
+        azimuths_deg: Sequence[float] = (), elevation_deg: float = 15.0,
+        hats: str = "any") -> dict:
   """Classifies the chosen prompts' GT renders from `classifier_cameras`;
   returns `summarize`'s dict plus the settings and seconds."""
   start = time.perf_counter()
   model = diffusion.ShapesDiffusionModel(model_dir)
   eps_fn = model.eps_fn()
-  chosen = choose_prompts(prompts, factor, prompts_per_value)
+  chosen = choose_prompts(prompts, factor, prompts_per_value, hats)
   camera_key, noise_key = jax.random.split(jax.random.PRNGKey(seed))
   size = model.image_size
   cameras = classifier_cameras(camera_key, num_views, azimuths_deg, elevation_deg)
@@ -192,7 +200,8 @@ def run(model_dir: str, prompts: Sequence[str], factor: str, prompts_per_value: 
                                               conditioning, timesteps, noise)))
   summary = summarize(np.stack(errors), truth, factor, t_fractions)
   summary.update({"model_dir": model_dir, "num_prompts": len(chosen),
-                  "prompts_per_value": prompts_per_value, "num_views": num_views,
+                  "prompts_per_value": prompts_per_value, "hats": hats,
+                  "num_views": num_views,
                   "view_labels": labels, "seed": seed,
                   "azimuths_deg": np.rad2deg(np.asarray(cameras.azimuth)).round(1).tolist(),
                   "elevations_deg": np.rad2deg(np.asarray(cameras.elevation)).round(1).tolist(),
@@ -206,7 +215,7 @@ def main(argv):
   prompts = prompt_sets.load_prompt_set(_PROMPT_SET.value).train
   summary = run(_MODEL_DIR.value, prompts, _FACTOR.value, _PROMPTS_PER_VALUE.value,
                 _NUM_VIEWS.value, [float(t) for t in _T_FRACTIONS.value], _SEED.value,
-                [float(a) for a in _AZIMUTHS.value], _ELEVATION.value)
+                [float(a) for a in _AZIMUTHS.value], _ELEVATION.value, _HATS.value)
   out_dir = pathlib.Path(_OUT_DIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
@@ -240,5 +249,7 @@ if __name__ == "__main__":
                                 "fixed cameras at these azimuths, not --num_views random ones")
   _ELEVATION = flags.DEFINE_float("elevation_deg", 15.0, "elevation of the --azimuths_deg cameras")
   _SEED = flags.DEFINE_integer("seed", 0, "cameras and noise derive from it")
+  _HATS = flags.DEFINE_enum("hats", "any", list(HAT_FILTERS),
+                            "which prompts: any, only those with a hat, or only hatless ones")
   _OUT_DIR = flags.DEFINE_string("out_dir", "runs/guidance_classifier", "where results.json goes")
   app.run(main)

@@ -41,6 +41,21 @@ def test_choose_prompts_groups_by_value_in_order():
     guidance_classifier.choose_prompts(prompts[:10], "shape", 5)
 
 
+def test_choose_prompts_keeps_the_hats_asked_for():
+  prompts = prompt_sets.load_prompt_set("shapes_2400").train
+  hatless = guidance_classifier.choose_prompts(prompts, "shape", 7, hats="none")
+  assert len(hatless) == 7 * len(scenes.SHAPES)
+  assert all(scenes.parse_prompt(p).hat is None for p in hatless)
+  assert hatless[:7] == [p for p in prompts if scenes.parse_prompt(p).hat is None
+                         and scenes.parse_prompt(p).shape == scenes.SHAPES[0]][:7]
+  hatted = guidance_classifier.choose_prompts(prompts, "shape", 2, hats="with")
+  assert all(scenes.parse_prompt(p).hat is not None for p in hatted)
+  with pytest.raises(ValueError, match="fewer than"):  # the training split has 7 hatless tori
+    guidance_classifier.choose_prompts(prompts, "shape", 8, hats="none")
+  with pytest.raises(ValueError, match="unknown hats"):
+    guidance_classifier.choose_prompts(prompts, "shape", 2, hats="some")
+
+
 def test_denoising_errors_pick_the_caption_that_explains_the_image():
   # A denoiser that reads the candidate's clean image from its "caption" and
   # inverts x_t = sqrt(a) x + sqrt(1 - a) eps: exact for the true candidate.
