@@ -17,6 +17,20 @@ from att3d_jax import compilation_cache
 from att3d_jax.guidance import unet as unet_lib
 from configs import shapes_diffusion as shapes_diffusion_config
 
+# Tests compile far more than they run, and LLVM's optimization level 1
+# compiles XLA:CPU programs faster than its default 3 with about the same run
+# time for this project's programs (docs/design.md, History). In-process tests
+# only: subprocesses get the XLA flags of their own entry point.
+COMPILE_FASTER_FLAG = "--xla_backend_optimization_level"
+
+
+def pytest_configure(config):
+  """Before any test builds JAX's backends, which read XLA_FLAGS once."""
+  del config
+  flags = os.environ.get("XLA_FLAGS", "")
+  if COMPILE_FASTER_FLAG not in flags:  # a flag the caller set wins
+    os.environ["XLA_FLAGS"] = f"{flags} {COMPILE_FASTER_FLAG}=1".strip()
+
 
 def env_without_xla_flags(**extra: str) -> dict[str, str]:
   """This process's environment minus XLA_FLAGS, plus `extra`: a subprocess
@@ -52,13 +66,13 @@ def caption_image_denoiser(alphas_cumprod: jax.Array):
 def persistent_compilation_cache(cache_dir: str):
   """JAX's persistent XLA cache at `cache_dir` for every program, however fast
   it compiles (the CLIs' `compilation_cache.enable`, whose settings `names`
-  lists); the previous settings are restored after. Runs in one test
-  module that build the same train step, renderer or GT renderer again (each
-  `train.train_and_evaluate` jits afresh) then compile it once."""
+  lists); the previous settings are restored after. A size cap turns on JAX's
+  file lock around each read and write, so processes can share the folder."""
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+           "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
   previous = {name: getattr(jax.config, name) for name in names}
   compilation_cache.enable(cache_dir, min_compile_seconds=0.0)
+  jax.config.update("jax_compilation_cache_max_size", 8 << 30)
   jax_compilation_cache.reset_cache()
   try:
     yield
@@ -68,11 +82,26 @@ def persistent_compilation_cache(cache_dir: str):
     jax_compilation_cache.reset_cache()
 
 
+@pytest.fixture(scope="session")
+def shared_xla_cache_dir(tmp_path_factory) -> str:
+  """One cache folder for the whole run, shared by pytest-xdist's workers (each
+  has its own basetemp under the run's)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  path = base / "xla_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
 @pytest.fixture(scope="module")
-def module_compilation_cache(tmp_path_factory):
-  """A persistent XLA cache shared by one test module's tests; a module opts in
-  with `pytestmark = pytest.mark.usefixtures("module_compilation_cache")`."""
-  with persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
+def module_compilation_cache(shared_xla_cache_dir):
+  """The run's persistent XLA cache for one test module's tests: modules that
+  build the same train step, renderer or GT renderer again (each
+  `train.train_and_evaluate` jits afresh) then compile each program once per
+  run, not once per test. A module opts in with
+  `pytestmark = pytest.mark.usefixtures("module_compilation_cache")`."""
+  with persistent_compilation_cache(shared_xla_cache_dir):
     yield
 
 

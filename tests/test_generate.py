@@ -18,6 +18,8 @@ from att3d_jax import names
 from att3d_jax import train
 from configs import shapes as shapes_config
 
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
