@@ -17,25 +17,28 @@ from att3d_jax import compilation_cache
 from att3d_jax.guidance import unet as unet_lib
 from configs import shapes_diffusion as shapes_diffusion_config
 
-# Tests compile far more than they run, and LLVM's optimization level 1
-# compiles XLA:CPU programs faster than its default 3 with about the same run
-# time for this project's programs (docs/design.md, History). In-process tests
-# only: subprocesses get the XLA flags of their own entry point.
-COMPILE_FASTER_FLAG = "--xla_backend_optimization_level"
+# Tests compile far more than they run, and at LLVM's optimization level 1
+# XLA:CPU compiles this project's programs faster than at its default 3, with
+# about the same run time (docs/design.md, History). Test processes and the
+# subprocesses they start use it; XLA_FLAGS that set a level win in-process.
+COMPILE_LEVEL_FLAG = "--xla_backend_optimization_level"
+COMPILE_FASTER = f"{COMPILE_LEVEL_FLAG}=1"
 
 
 def pytest_configure(config):
   """Before any test builds JAX's backends, which read XLA_FLAGS once."""
   del config
   flags = os.environ.get("XLA_FLAGS", "")
-  if COMPILE_FASTER_FLAG not in flags:  # a flag the caller set wins
-    os.environ["XLA_FLAGS"] = f"{flags} {COMPILE_FASTER_FLAG}=1".strip()
+  if COMPILE_LEVEL_FLAG not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {COMPILE_FASTER}".strip()
 
 
-def env_without_xla_flags(**extra: str) -> dict[str, str]:
-  """This process's environment minus XLA_FLAGS, plus `extra`: a subprocess
-  then gets only the XLA flags its entry point sets itself."""
+def entry_point_env(**extra: str) -> dict[str, str]:
+  """This process's environment with XLA_FLAGS reduced to the tests' compile
+  level, plus `extra`: a subprocess then gets that and the XLA flags its
+  entry point sets itself, and no others."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = COMPILE_FASTER
   env.update(extra)
   return env
 
@@ -47,7 +50,7 @@ def run_experiment(module: str, flags: list[str], out_dir) -> tuple[dict, str]:
   another experiment's fails here, not at import."""
   result = subprocess.run([sys.executable, "-m", module, *flags, f"--out_dir={out_dir}"],
                           capture_output=True, text=True, timeout=300,
-                          env=env_without_xla_flags(), cwd=pathlib.Path(__file__).parent.parent)
+                          env=entry_point_env(), cwd=pathlib.Path(__file__).parent.parent)
   assert result.returncode == 0, result.stderr[-2000:]
   return json.loads((pathlib.Path(out_dir) / "results.json").read_text()), result.stdout
 

@@ -33,6 +33,7 @@ from att3d_jax.guidance import base as guidance_base
 from att3d_jax.guidance import minilm
 from configs import shapes as shapes_config
 
+import conftest
 import test_train
 
 # The in-process runs train and resume the same tiny config several times.
@@ -66,7 +67,7 @@ def subprocess_env(**extra) -> dict:
   """One CPU device per process, whatever the test process was given (main.py
   would otherwise split the CPU into config.train.cpu_devices)."""
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-              XLA_FLAGS=f"{xla_cpu.HOST_DEVICES_FLAG}=1", **extra)
+              XLA_FLAGS=f"{xla_cpu.HOST_DEVICES_FLAG}=1 {conftest.COMPILE_FASTER}", **extra)
 
 
 def run_main(command, env=None) -> str:

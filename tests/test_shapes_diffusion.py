@@ -110,7 +110,7 @@ def _train_quick_cli(workdir, cpu_devices: int) -> tuple[str, list[float]]:
       [sys.executable, "-m", "experiments.train_shapes_diffusion",
        "--config=configs/shapes_diffusion.py:quick", f"--workdir={workdir}",
        f"--config.cpu_devices={cpu_devices}", "--config.sample_steps=1"],
-      cwd=REPO_ROOT, env=conftest.env_without_xla_flags(JAX_PLATFORMS="cpu"),
+      cwd=REPO_ROOT, env=conftest.entry_point_env(JAX_PLATFORMS="cpu"),
       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = (workdir / "metrics.jsonl").read_text().splitlines()

@@ -27,6 +27,7 @@ from att3d_jax.guidance import sds
 from att3d_jax.nerf import cameras as cameras_lib
 from configs import shapes as shapes_config
 
+import conftest
 import test_tensorboard
 
 # Its runs (resumed, repeated, preempted) build the same train step and
@@ -268,7 +269,8 @@ _DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def _run_on_devices(num_devices: int, model_parallelism: int = 1) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} "
+                                  f"{conftest.COMPILE_FASTER}",
              JAX_PLATFORMS="cpu")
   script = _DEVICE_SCRIPT.format(tests=os.path.join(REPO, "tests"), model=model_parallelism)
   out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,

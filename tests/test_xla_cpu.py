@@ -27,7 +27,7 @@ print("ynn" in f.lower(x, w).compile().as_text())
 
 def _compiled_uses_ynn(mode: str) -> bool:
   result = subprocess.run([sys.executable, "-c", _PROBE, mode],
-                          env=conftest.env_without_xla_flags(), check=True,
+                          env=conftest.entry_point_env(), check=True,
                           capture_output=True, text=True, timeout=300)
   return result.stdout.strip().splitlines()[-1] == "True"
 
@@ -49,9 +49,10 @@ def test_user_xla_flags_win(monkeypatch):
 
 
 def test_main_splits_the_cpu_and_trains_on_both_halves(tiny_shapes_model, tmp_path):
-  """`python -m att3d_jax.main` with no XLA_FLAGS: the quick config's batch is
-  sharded over config.train.cpu_devices = 2 host devices, end to end."""
-  env = conftest.env_without_xla_flags(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  """`python -m att3d_jax.main` with no XLA flags but the tests' compile
+  level: the quick config's batch is sharded over config.train.cpu_devices =
+  2 host devices, end to end."""
+  env = conftest.entry_point_env(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   out = subprocess.run(
       [sys.executable, "-m", "att3d_jax.main", "--config=configs/shapes.py:quick",
        f"--workdir={tmp_path}", f"--config.guidance.path={tiny_shapes_model}",
