@@ -33,12 +33,12 @@ def pytest_configure(config):
     os.environ["XLA_FLAGS"] = f"{flags} {COMPILE_FASTER}".strip()
 
 
-def entry_point_env(**extra: str) -> dict[str, str]:
+def entry_point_env(*xla_flags: str, **extra: str) -> dict[str, str]:
   """This process's environment with XLA_FLAGS reduced to the tests' compile
-  level, plus `extra`: a subprocess then gets that and the XLA flags its
-  entry point sets itself, and no others."""
+  level and `xla_flags`, plus `extra`: a subprocess then gets those and the
+  XLA flags its entry point sets itself, and no others."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = COMPILE_FASTER
+  env["XLA_FLAGS"] = " ".join((COMPILE_FASTER, *xla_flags))
   env.update(extra)
   return env
 

@@ -9,7 +9,6 @@ uninterrupted run (CPU XLA is deterministic).
 
 import contextlib
 import json
-import os
 import pathlib
 import re
 import signal
@@ -66,8 +65,8 @@ def main_command(workdir, model_dir, *overrides) -> list[str]:
 def subprocess_env(**extra) -> dict:
   """One CPU device per process, whatever the test process was given (main.py
   would otherwise split the CPU into config.train.cpu_devices)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-              XLA_FLAGS=f"{xla_cpu.HOST_DEVICES_FLAG}=1 {conftest.COMPILE_FASTER}", **extra)
+  return conftest.entry_point_env(f"{xla_cpu.HOST_DEVICES_FLAG}=1", JAX_PLATFORMS="cpu",
+                                 PYTHONPATH=str(REPO), **extra)
 
 
 def run_main(command, env=None) -> str:

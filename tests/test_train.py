@@ -20,6 +20,7 @@ from att3d_jax import evaluation
 from att3d_jax import prompt_data
 from att3d_jax import sharding
 from att3d_jax import train
+from att3d_jax import xla_cpu
 from att3d_jax.eval import shapes_eval
 from att3d_jax.guidance import base as guidance_base
 from att3d_jax.guidance import schedule
@@ -269,9 +270,8 @@ _DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def _run_on_devices(num_devices: int, model_parallelism: int = 1) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} "
-                                  f"{conftest.COMPILE_FASTER}",
-             JAX_PLATFORMS="cpu")
+  env = conftest.entry_point_env(f"{xla_cpu.HOST_DEVICES_FLAG}={num_devices}",
+                                 JAX_PLATFORMS="cpu")
   script = _DEVICE_SCRIPT.format(tests=os.path.join(REPO, "tests"), model=model_parallelism)
   out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
